@@ -1,0 +1,1 @@
+"""Detector architectures, weight converters, the model store and exporters."""

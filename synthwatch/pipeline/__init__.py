@@ -1,0 +1,1 @@
+"""Orchestration: settings, topology, CLI, logging, metrics and web views."""

@@ -1,0 +1,116 @@
+"""One frozen settings object, built at the entry point and passed down explicitly.
+
+Environment variables use the `SYNTHWATCH_` prefix and `__` for nesting, e.g.
+`SYNTHWATCH_FETCH__ALLOW_PRIVATE=true`, `SYNTHWATCH_KAFKA__BOOTSTRAP_SERVERS=...`.
+`SYNTHWATCH_MODEL_DIR` names the directory the model store reads weights from.
+No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_model_dir() -> Path:
+    return Path.home() / ".local" / "share" / "synthwatch" / "models"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FetchSettings(_Frozen):
+    allow_private: bool = False
+    """Allow loopback/private/link-local destinations. Only for trusted deployments and tests."""
+    max_bytes: int = 512 * 1024 * 1024
+    """Cap on decoded (not wire) body bytes."""
+    timeout_s: float = 120.0
+    """Cap on the whole transfer, redirects included."""
+    connect_timeout_s: float = 10.0
+    max_redirects: int = 5
+    user_agent: str = "synthwatch/0.1 (+https://github.com/synthwatch/synthwatch)"
+
+
+class SampleSettings(_Frozen):
+    frames: int = 16
+    """Frames per video item, spread evenly over the duration."""
+    seconds_per_frame: float | None = None
+    """If set, one frame every k seconds (capped by max_frames) instead of `frames` per item."""
+    mode: Literal["exact", "keyframes"] = "exact"
+    """exact: seek-or-decode-forward to each target time; keyframes: nearest keyframes only (cheaper, approximate)."""
+    max_frames: int = 64
+    max_pixels: int = 8192 * 8192
+    max_streams: int = 16
+    max_duration_s: float = 4 * 3600.0
+    max_decode_s: float = 60.0
+    max_image_frames: int = 2000
+    audio: bool = True
+    max_audio_s: float = 600.0
+
+
+class ModelSettings(_Frozen):
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    max_batch: int = 32
+    max_delay_ms: float = 10.0
+    threads: int = 2
+    face_min_size: int = 40
+    face_threshold: float = 0.9
+
+
+class PolicySettings(_Frozen):
+    version: str = "policy.v1"
+    flag_threshold: float = 0.8
+    review_threshold: float = 0.5
+    alert_on: tuple[Literal["flag", "review"], ...] = ("flag", "review")
+
+
+class KafkaSettings(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    app_id: str = "synthwatch"
+    partitions: int = 4
+    replication_factor: int = 1
+    topic_refs: str = "media.refs"
+    topic_fetched: str = "media.fetched"
+    topic_verdicts: str = "media.verdicts"
+    topic_alerts: str = "media.alerts"
+    topic_dlq: str = "media.dlq"
+    detect_concurrency: int = 4
+
+
+class S3Settings(_Frozen):
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    bucket: str = "synthwatch"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    blob_prefix: str = "blobs/sha256"
+    evidence_prefix: str = "evidence"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SYNTHWATCH_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    model_dir: Path = Field(default_factory=_default_model_dir)
+    work_dir: Path | None = None
+    """Where fetched media is staged; a fresh temporary directory when unset."""
+    fetch: FetchSettings = FetchSettings()
+    sample: SampleSettings = SampleSettings()
+    models: ModelSettings = ModelSettings()
+    policy: PolicySettings = PolicySettings()
+    kafka: KafkaSettings = KafkaSettings()
+    s3: S3Settings = S3Settings()
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    log_level: str = "INFO"
+    log_json: bool | None = None
+    """JSON logs; default: JSON when stderr is not a TTY."""

@@ -1,0 +1,166 @@
+"""Wire records: frozen, version-tagged msgspec structs, JSON on every topic.
+
+Each record carries a `type` tag (e.g. `"media_ref.v1"`), so a consumer can tell what it
+was sent and a later version can live beside this one. Unknown fields are ignored so an
+older worker reads a newer producer's records; a missing required field is a
+`SchemaInvalid` error, which the topology turns into a DLQ record with reason `schema`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import msgspec
+
+from synthwatch.operators.errors import SchemaInvalid
+
+MediaType = Literal["video", "image", "audio"]
+Decision = Literal["flag", "review", "pass"]
+
+
+class _Record(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    pass
+
+
+class MediaRef(_Record, tag="media_ref.v1", kw_only=True):
+    """A request to scan one item. Keyed on the topic by `id`."""
+
+    id: str
+    url: str
+    source: str = ""
+    submitted_at: float = 0.0
+    attempt: int = 0
+
+
+class FetchedMedia(_Record, tag="fetched_media.v1", kw_only=True):
+    """The item is downloaded, hashed and stored under its sha256."""
+
+    id: str
+    url: str
+    source: str = ""
+    submitted_at: float = 0.0
+    sha256: str
+    size: int
+    mime: str
+    media_type: MediaType
+    blob: str
+    """Where the bytes are: an object key in the blob bucket, or a local path in embedded mode."""
+
+
+class FaceBox(msgspec.Struct, frozen=True, kw_only=True):
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    confidence: float
+    score: float
+    """The detector's synthetic score for this crop."""
+
+
+class FrameResult(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    time_s: float
+    score: float
+    """The frame's synthetic score: the highest score among its crops."""
+    region: Literal["faces", "frame"]
+    """`faces` when crops came from detected faces, `frame` when no face was found."""
+    faces: list[FaceBox] = []
+
+
+class Segment(msgspec.Struct, frozen=True, kw_only=True):
+    start_s: float
+    end_s: float
+    score: float
+
+
+class Signal(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    """Stable signal name, e.g. `meso4_df`."""
+    model: str
+    """Model name and version, `meso4_df@<sha256 prefix>`."""
+    score: float
+    """Aggregated synthetic score in [0, 1]."""
+    weight: float
+    note: str = ""
+
+
+class Verdict(_Record, tag="verdict.v1", kw_only=True):
+    id: str
+    url: str
+    source: str = ""
+    submitted_at: float = 0.0
+    sha256: str
+    media_type: MediaType
+    synthetic_score: float
+    decision: Decision
+    signals: list[Signal]
+    segments: list[Segment]
+    frames: list[FrameResult]
+    duration_s: float
+    faces_found: int
+    has_audio: bool
+    model_set: str
+    policy_version: str
+    blob: str
+
+
+class Alert(_Record, tag="alert.v1", kw_only=True):
+    alert_id: str
+    """hash(media sha256, model set, policy version): a redelivery yields the same id."""
+    id: str
+    url: str
+    source: str = ""
+    sha256: str
+    media_type: MediaType
+    synthetic_score: float
+    decision: Decision
+    model_set: str
+    policy_version: str
+    evidence_uri: str
+    """URI of the bundle's `manifest.json`."""
+    manifest_sha256: str
+    segments: list[Segment]
+
+
+class DeadLetter(_Record, tag="dead_letter.v1", kw_only=True):
+    reason: str
+    stage: Literal["fetch", "detect", "decide", "submit"]
+    error: str
+    attempt: int = 0
+    id: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    original: str = ""
+    """The consumed record as text (undecodable bytes escaped), so it can be replayed."""
+    failed_at: float = 0.0
+
+
+RECORDS: tuple[type[_Record], ...] = (MediaRef, FetchedMedia, Verdict, Alert, DeadLetter)
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(record: _Record) -> bytes:
+    return _encoder.encode(record)
+
+
+T = TypeVar("T", bound=_Record)
+
+
+def decode(data: bytes | str | None, kind: type[T]) -> T:
+    """Decode one record, or raise `SchemaInvalid` saying what is wrong."""
+    if data is None:
+        raise SchemaInvalid("null value")
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise SchemaInvalid(f"{kind.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise SchemaInvalid(f"not JSON: {exc}") from None
+
+
+def to_builtins(record: msgspec.Struct) -> dict[str, object]:
+    out = msgspec.to_builtins(record)
+    assert isinstance(out, dict)
+    return out
