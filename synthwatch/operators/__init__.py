@@ -1,1 +1,1 @@
-"""Operators: plain typed functions and small resource-owning classes; nothing here imports faust."""
+"""Operators: plain typed functions and small resource-owning classes; no faust imports."""

@@ -30,7 +30,8 @@ class RefusedAddress(SynthwatchError):
 
 
 class FetchFailed(SynthwatchError):
-    """The remote answered with an error or the transfer broke; 5xx and network errors are transient."""
+    """The remote answered with an error or the transfer broke; 5xx and network errors are
+    transient."""
 
     reason = "fetch_failed"
 

@@ -41,7 +41,8 @@ class SampleSettings(_Frozen):
     seconds_per_frame: float | None = None
     """If set, one frame every k seconds (capped by max_frames) instead of `frames` per item."""
     mode: Literal["exact", "keyframes"] = "exact"
-    """exact: seek-or-decode-forward to each target time; keyframes: nearest keyframes only (cheaper, approximate)."""
+    """exact: seek or decode forward to each target time; keyframes: keyframes only, topped up
+    with exact targets when they are too few (cheaper, approximate)."""
     max_frames: int = 64
     max_pixels: int = 8192 * 8192
     max_streams: int = 16
@@ -53,6 +54,8 @@ class SampleSettings(_Frozen):
 
 
 class ModelSettings(_Frozen):
+    face_model: str = "meso4_df"
+    """Registry name of the face detector model that scores crops."""
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
     max_batch: int = 32
     max_delay_ms: float = 10.0

@@ -22,7 +22,7 @@ class _Record(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     pass
 
 
-class MediaRef(_Record, tag="media_ref.v1", kw_only=True):
+class MediaRef(_Record, tag="media_ref.v1", frozen=True, kw_only=True):
     """A request to scan one item. Keyed on the topic by `id`."""
 
     id: str
@@ -32,7 +32,7 @@ class MediaRef(_Record, tag="media_ref.v1", kw_only=True):
     attempt: int = 0
 
 
-class FetchedMedia(_Record, tag="fetched_media.v1", kw_only=True):
+class FetchedMedia(_Record, tag="fetched_media.v1", frozen=True, kw_only=True):
     """The item is downloaded, hashed and stored under its sha256."""
 
     id: str
@@ -84,7 +84,7 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     note: str = ""
 
 
-class Verdict(_Record, tag="verdict.v1", kw_only=True):
+class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
     id: str
     url: str
     source: str = ""
@@ -102,9 +102,11 @@ class Verdict(_Record, tag="verdict.v1", kw_only=True):
     model_set: str
     policy_version: str
     blob: str
+    notes: list[str] = []
+    """What a reader must know to interpret the score, e.g. that no face was found."""
 
 
-class Alert(_Record, tag="alert.v1", kw_only=True):
+class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
     alert_id: str
     """hash(media sha256, model set, policy version): a redelivery yields the same id."""
     id: str
@@ -122,7 +124,7 @@ class Alert(_Record, tag="alert.v1", kw_only=True):
     segments: list[Segment]
 
 
-class DeadLetter(_Record, tag="dead_letter.v1", kw_only=True):
+class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):
     reason: str
     stage: Literal["fetch", "detect", "decide", "submit"]
     error: str

@@ -1,0 +1,451 @@
+"""The model store: which weights synthwatch may use, where they live, and proof they are right.
+
+Every model is a `ModelSpec` in the explicit `SPECS` list below (no discovery: a file
+that is not listed cannot be loaded). A spec carries its weights' sha256, upstream URL,
+licence and preprocessing, so metadata and weights cannot drift apart. `ModelStore`
+reads weights from one directory (`Settings.model_dir`, whose layout matches
+../shared/weights, so `SYNTHWATCH_MODEL_DIR=../shared/weights` works as is), checks the
+sha256 before anything is loaded, and never downloads anything except through the
+explicit `pull` call (the `synthwatch models pull NAME` command).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import httpx
+from torch import nn
+
+from synthwatch.models.export import ONNX_OPSET, export_onnx
+from synthwatch.models.keras_h5 import load_keras_weights
+from synthwatch.models.meso import INPUT_SIZE, Meso4, MesoInception4
+from synthwatch.operators.errors import ModelUnavailable
+
+ModelKind = Literal["face", "face_detector"]
+"""face: scores one face crop; face_detector: finds faces in a frame."""
+
+Builder = Callable[[Sequence[Path]], nn.Module]
+"""Builds the torch module from the verified weight files, in the spec's file order."""
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One weights file of a model."""
+
+    path: str
+    """Where it lives, relative to the model dir (POSIX separators)."""
+    sha256: str
+    """Full lowercase hex sha256; the file is refused unless it matches."""
+    size: int
+    """Exact size in bytes; also the cap when pulling, so a hostile server cannot fill the disk."""
+    url: str
+    """Upstream download URL used by `ModelStore.pull`."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its weights and everything needed to use them correctly."""
+
+    name: str
+    version: str
+    """Bumped whenever weights, architecture code or preprocessing change meaning."""
+    kind: ModelKind
+    files: tuple[WeightsFile, ...]
+    source: str
+    """Upstream project the weights come from."""
+    licence: str
+    input_size: int
+    """Side in pixels of the square input."""
+    preprocessing: str
+    output: str
+    """What the output means; every `face` model outputs a synthetic score in [0, 1]."""
+    builder: Builder | None = None
+    """Builds the torch module; None where another module owns loading (MTCNN)."""
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One line of `synthwatch models list`."""
+
+    name: str
+    version: str
+    kind: ModelKind
+    state: Literal["present", "missing", "mismatch"]
+    """The worst state over the spec's files."""
+    paths: tuple[Path, ...]
+
+
+# --- the registry ----------------------------------------------------------------------
+
+# MesoNet weights: Afchar et al., WIFS 2018, arXiv:1809.00888; github DariusAf/MesoNet.
+_MESONET_REV = "2144d56a30e48cdcac1976ff13a1c5cdc86376c6"
+_MESONET_RAW = f"https://raw.githubusercontent.com/DariusAf/MesoNet/{_MESONET_REV}/weights"
+# MTCNN weights as shipped in the facenet-pytorch 2.6.0 wheel (its data/ directory).
+_FACENET_REV = "787da06"
+_FACENET_RAW = f"https://raw.githubusercontent.com/timesler/facenet-pytorch/{_FACENET_REV}/data"
+
+_MESO_PREPROCESSING = (
+    "RGB face crop (detector box enlarged about 1.3x), resized to 256x256 (nearest, as "
+    "Keras load_img did in training), float32 NCHW scaled to [0, 1]"
+)
+_MESO_OUTPUT = "synthetic score in [0,1] (1 - the upstream model's P(real))"
+
+
+def _meso4(paths: Sequence[Path]) -> nn.Module:
+    module = Meso4()
+    load_keras_weights(module, paths[0], Meso4.KERAS_LAYERS)
+    return module
+
+
+def _meso_inception4(paths: Sequence[Path]) -> nn.Module:
+    module = MesoInception4()
+    load_keras_weights(module, paths[0], MesoInception4.KERAS_LAYERS)
+    return module
+
+
+def _meso_spec(name: str, filename: str, sha256: str, size: int, builder: Builder) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        version="1",
+        kind="face",
+        files=(WeightsFile(f"mesonet/{filename}", sha256, size, f"{_MESONET_RAW}/{filename}"),),
+        source="https://github.com/DariusAf/MesoNet",
+        licence="Apache-2.0",
+        input_size=INPUT_SIZE,
+        preprocessing=_MESO_PREPROCESSING,
+        output=_MESO_OUTPUT,
+        builder=builder,
+    )
+
+
+SPECS: tuple[ModelSpec, ...] = (
+    _meso_spec(
+        "meso4_df",
+        "Meso4_DF.h5",
+        "036ed30d04ffd9c7506f825b97c86aa64915f5818931da96817b169aad790af5",
+        156128,
+        _meso4,
+    ),
+    _meso_spec(
+        "meso4_f2f",
+        "Meso4_F2F.h5",
+        "bcfda015d217b9f8d6557693edbdf9f4e79cfd22672541968dd0e2954462b5d7",
+        156128,
+        _meso4,
+    ),
+    _meso_spec(
+        "mesoinception4_df",
+        "MesoInception_DF.h5",
+        "234586d40058e76ef8b6f27ca4b63c06e31c2a5a69c0d8ba6f30b1468ab7bafa",
+        197504,
+        _meso_inception4,
+    ),
+    _meso_spec(
+        "mesoinception4_f2f",
+        "MesoInception_F2F.h5",
+        "d4533ac8a3197dc35c47405d23d99e888c1d0135e267e03540c7451feaccff3f",
+        197504,
+        _meso_inception4,
+    ),
+    ModelSpec(
+        name="mtcnn",
+        version="1",
+        kind="face_detector",
+        files=(
+            WeightsFile(
+                "mtcnn/pnet.pt",
+                "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
+                28570,
+                f"{_FACENET_RAW}/pnet.pt",
+            ),
+            WeightsFile(
+                "mtcnn/rnet.pt",
+                "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+                403147,
+                f"{_FACENET_RAW}/rnet.pt",
+            ),
+            WeightsFile(
+                "mtcnn/onet.pt",
+                "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
+                1559269,
+                f"{_FACENET_RAW}/onet.pt",
+            ),
+        ),
+        source="https://github.com/timesler/facenet-pytorch (PyPI facenet-pytorch 2.6.0)",
+        licence="MIT",
+        input_size=12,
+        preprocessing="RGB frame, float32 (x - 127.5) / 128, image pyramid for P-Net",
+        output="face boxes, probabilities and 5 landmarks",
+    ),
+)
+"""Every model synthwatch knows. Order is the order `ModelStore.list` reports."""
+
+
+def index_specs(specs: Iterable[ModelSpec]) -> dict[str, ModelSpec]:
+    """Specs by name. Raises ValueError on a duplicate name or a weights file listed twice."""
+    by_name: dict[str, ModelSpec] = {}
+    seen_sha: set[str] = set()
+    for spec in specs:
+        if spec.name in by_name:
+            raise ValueError(f"duplicate model name in registry: {spec.name}")
+        by_name[spec.name] = spec
+        for f in spec.files:
+            # `import_file` identifies a file by its sha256, so it must be unambiguous.
+            if f.sha256 in seen_sha:
+                raise ValueError(f"weights sha256 {f.sha256[:16]} registered twice ({spec.name})")
+            seen_sha.add(f.sha256)
+    return by_name
+
+
+# --- the store -------------------------------------------------------------------------
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "synthwatch" / "onnx"
+
+
+class ModelStore:
+    """Verified access to the weights under one model directory.
+
+    The model dir may be read-only (e.g. ../shared/weights); derived files (ONNX exports)
+    go to `cache_dir`. Verification results are cached per (path, size, mtime), so
+    calling `resolve` per batch costs a few `stat` calls.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        specs: Iterable[ModelSpec] = SPECS,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+        self._specs = index_specs(specs)
+        self._verified: dict[tuple[str, int, int], str] = {}
+
+    @property
+    def specs(self) -> tuple[ModelSpec, ...]:
+        return tuple(self._specs.values())
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec called `name`. Raises `ModelUnavailable` for an unknown name."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            known = ", ".join(self._specs)
+            raise ModelUnavailable(f"unknown model {name!r} (known: {known})") from None
+
+    def resolve(self, name: str) -> tuple[Path, ...]:
+        """Paths of the model's weight files, in spec order, after checking their sha256.
+
+        Raises `ModelUnavailable` if the name is unknown, a file is missing (the message
+        says where to put it and how to import it) or a file's sha256 does not match.
+        """
+        spec = self.spec(name)
+        paths: builtins.list[Path] = []
+        for f in spec.files:
+            path = self.model_dir / f.path
+            if not path.is_file():
+                raise ModelUnavailable(
+                    f"{name}: weights missing: expected {path}; place the file there with "
+                    f"`synthwatch models import FILE` or download it with "
+                    f"`synthwatch models pull {name}`"
+                )
+            actual = self._sha256_cached(path)
+            if actual != f.sha256:
+                raise ModelUnavailable(
+                    f"{name}: {path} does not match the registry: sha256 {actual[:16]}..., "
+                    f"expected {f.sha256[:16]}...; replace it with "
+                    f"`synthwatch models pull {name}`"
+                )
+            paths.append(path)
+        return tuple(paths)
+
+    def list(self) -> builtins.list[ModelStatus]:
+        """The state of every registered model's weights, in registry order."""
+        out: builtins.list[ModelStatus] = []
+        for spec in self._specs.values():
+            paths = tuple(self.model_dir / f.path for f in spec.files)
+            state: Literal["present", "missing", "mismatch"] = "present"
+            for f, path in zip(spec.files, paths, strict=True):
+                if not path.is_file():
+                    state = "missing"
+                    break
+                if self._sha256_cached(path) != f.sha256:
+                    state = "mismatch"
+            out.append(ModelStatus(spec.name, spec.version, spec.kind, state, paths))
+        return out
+
+    def import_file(self, src: Path) -> ModelSpec:
+        """Copy a weights file into its place in the model dir, identified by its sha256.
+
+        The copy is atomic (temporary file in the destination directory, then rename) and
+        re-hashed while copying, so a file that changes under us is not installed.
+        Raises `ModelUnavailable` if the file's sha256 matches no registered weights.
+        """
+        digest = _sha256_file(src)
+        for spec in self._specs.values():
+            for f in spec.files:
+                if f.sha256 == digest:
+                    with src.open("rb") as fh:
+                        self._install(f, spec.name, _read_chunks(fh))
+                    return spec
+        raise ModelUnavailable(
+            f"{src}: not a registered weights file (sha256 {digest[:16]}...); "
+            f"`synthwatch models list` shows the models this version knows"
+        )
+
+    def pull(self, name: str, *, client: httpx.Client | None = None) -> tuple[Path, ...]:
+        """Download the model's missing or mismatching files from their upstream URLs.
+
+        Each file streams to a temporary file in the destination directory, hashed as it
+        goes and capped at the registered size; only a file whose sha256 matches is
+        renamed into place, so a failed or tampered download leaves nothing behind.
+        Returns the verified paths as `resolve` does. Raises `ModelUnavailable` on an
+        HTTP error, an oversized body or a sha256 mismatch.
+        """
+        spec = self.spec(name)
+        own_client = client is None
+        http = client or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
+        try:
+            for f in spec.files:
+                path = self.model_dir / f.path
+                if path.is_file() and self._sha256_cached(path) == f.sha256:
+                    continue
+                try:
+                    with http.stream("GET", f.url, follow_redirects=True) as resp:
+                        if resp.status_code != 200:
+                            raise ModelUnavailable(
+                                f"{name}: GET {f.url} answered HTTP {resp.status_code}"
+                            )
+                        self._install(f, name, resp.iter_bytes(_CHUNK))
+                except httpx.HTTPError as exc:
+                    raise ModelUnavailable(f"{name}: GET {f.url} failed: {exc}") from exc
+        finally:
+            if own_client:
+                http.close()
+        return self.resolve(name)
+
+    def load_torch(self, name: str) -> nn.Module:
+        """The model as a torch module in eval mode, with verified, converted weights.
+
+        Raises `ModelUnavailable` if the weights are unavailable or do not fit, and
+        ValueError if the spec has no torch builder here (MTCNN is loaded by its module).
+        """
+        spec = self.spec(name)
+        if spec.builder is None:
+            raise ValueError(f"{name}: no torch builder registered for this model")
+        module = spec.builder(self.resolve(name))
+        return module.eval()
+
+    def onnx_path(self, name: str) -> Path:
+        """The model's ONNX export, built on first use and reused after.
+
+        Cached as `<cache_dir>/<name>-v<version>-<sha256[:16]>-op<opset>.onnx`: the weights
+        hash, spec version and opset are in the name so a changed input never reuses a
+        stale export. Written atomically, so concurrent workers at worst export twice.
+        """
+        spec = self.spec(name)
+        # Checked even when the export is cached: a model whose weights are gone or
+        # replaced is unavailable, whatever derived files are lying around.
+        self.resolve(name)
+        dest = self.cache_dir / (
+            f"{name}-v{spec.version}-{_weights_id(spec)[:16]}-op{ONNX_OPSET}.onnx"
+        )
+        if dest.is_file():
+            return dest
+        module = self.load_torch(name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        os.fchmod(fd, 0o644)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            export_onnx(module, tmp, (1, 3, spec.input_size, spec.input_size))
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def model_set_version(self, names: Iterable[str]) -> str:
+        """A short deterministic id of a set of models (order and duplicates ignored).
+
+        Hash of each name, version and weights sha256, from the registry (not the disk),
+        so it is stable across hosts; used in alert ids so that changing a model changes
+        the id while a redelivery reproduces it.
+        """
+        h = hashlib.sha256()
+        for name in sorted(set(names)):
+            spec = self.spec(name)
+            h.update(f"{name}\0{spec.version}\0{_weights_id(spec)}\n".encode())
+        return h.hexdigest()[:16]
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _sha256_cached(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        digest = self._verified.get(key)
+        if digest is None:
+            digest = _sha256_file(path)
+            self._verified[key] = digest
+        return digest
+
+    def _install(self, f: WeightsFile, name: str, chunks: Iterable[bytes]) -> None:
+        dest = self.model_dir / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.sha256()
+            written = 0
+            # mkstemp creates 0600; weights are not secret and other users may run workers.
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if written > f.size:
+                        raise ModelUnavailable(
+                            f"{name}: {f.path}: more than the registered {f.size} bytes; refused"
+                        )
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != f.sha256:
+                raise ModelUnavailable(
+                    f"{name}: {f.path}: sha256 {h.hexdigest()[:16]}..., expected "
+                    f"{f.sha256[:16]}...; refused"
+                )
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _weights_id(spec: ModelSpec) -> str:
+    if len(spec.files) == 1:
+        return spec.files[0].sha256
+    return hashlib.sha256("".join(f.sha256 for f in spec.files).encode()).hexdigest()
+
+
+def _read_chunks(fh: BinaryIO) -> Iterator[bytes]:
+    while chunk := fh.read(_CHUNK):
+        yield chunk
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in _read_chunks(fh):
+            h.update(chunk)
+    return h.hexdigest()

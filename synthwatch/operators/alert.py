@@ -1,0 +1,35 @@
+"""Build the alert for a decided verdict, with a deterministic `alert_id`.
+
+`alert_id` = sha256(media sha256, model set, policy version), so a redelivered record,
+a retried batch or a second worker produces the same id and downstream systems can
+deduplicate on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from synthwatch.schemas import Alert, Verdict
+
+
+def alert_id(media_sha256: str, model_set: str, policy_version: str) -> str:
+    text = f"synthwatch.alert.v1\n{media_sha256}\n{model_set}\n{policy_version}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def make_alert(verdict: Verdict, *, evidence_uri: str, manifest_sha256: str) -> Alert:
+    return Alert(
+        alert_id=alert_id(verdict.sha256, verdict.model_set, verdict.policy_version),
+        id=verdict.id,
+        url=verdict.url,
+        source=verdict.source,
+        sha256=verdict.sha256,
+        media_type=verdict.media_type,
+        synthetic_score=verdict.synthetic_score,
+        decision=verdict.decision,
+        model_set=verdict.model_set,
+        policy_version=verdict.policy_version,
+        evidence_uri=evidence_uri,
+        manifest_sha256=manifest_sha256,
+        segments=verdict.segments,
+    )

@@ -1,0 +1,189 @@
+"""Object storage for blobs and evidence: S3 (any S3-compatible store) or a local directory.
+
+Every write is write-once: `put_if_absent` never replaces an existing object, so a
+retried or redelivered batch cannot overwrite evidence. On S3 this is a conditional
+PUT with `If-None-Match: *`; locally it is a hard link from a temporary file, which
+fails atomically when the name exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from synthwatch.operators.errors import InvalidRef, StorageFailed
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}$")
+
+
+def check_key(key: str) -> str:
+    """Keys are built by us from hashes and fixed names; refuse anything else outright."""
+    if not _KEY_RE.match(key) or ".." in key.split("/") or "//" in key or key.endswith("/"):
+        raise InvalidRef(f"refused object key {key[:80]!r}")
+    return key
+
+
+def blob_key(prefix: str, sha256: str) -> str:
+    """`blobs/sha256/ab/cd/<sha256>`: fan-out by the first bytes keeps listings small."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise InvalidRef("blob keys are built from a sha256 hex digest")
+    return check_key(f"{prefix}/{sha256[:2]}/{sha256[2:4]}/{sha256}")
+
+
+class ObjectStore(ABC):
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
+        """Write `data` at `key` unless an object is there; True if this call wrote it."""
+
+    @abstractmethod
+    def put_file_if_absent(self, key: str, path: Path, *, content_type: str) -> bool:
+        """As `put_if_absent`, streaming from a file."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def download(self, key: str, dest: Path) -> None: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def uri(self, key: str) -> str: ...
+
+
+class S3Store(ObjectStore):
+    """One bucket of an S3-compatible store, through a boto3 client the caller owns."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._s3 = client
+        self.bucket = bucket
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            try:
+                self._s3.create_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise StorageFailed(f"cannot create bucket {self.bucket}: {code}") from None
+
+    def _put(self, key: str, body: Any, content_type: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.put_object(
+                Bucket=self.bucket,
+                Key=check_key(key),
+                Body=body,
+                ContentType=content_type,
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the key exists, which is what write-once wants to hear. (A 409
+            # ConditionalRequestConflict is a concurrent writer: transient, retried.)
+            if err.get("Code") == "PreconditionFailed" or status == 412:
+                return False
+            raise StorageFailed(f"S3 put {key} failed: {err.get('Code', status)}") from None
+        except BotoCoreError as exc:
+            raise StorageFailed(f"S3 put {key} failed: {type(exc).__name__}") from None
+        return True
+
+    def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
+        return self._put(key, data, content_type)
+
+    def put_file_if_absent(self, key: str, path: Path, *, content_type: str) -> bool:
+        with path.open("rb") as fh:
+            return self._put(key, fh, content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=check_key(key))["Body"]
+            data: bytes = body.read()
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageFailed(f"S3 get {key} failed: {type(exc).__name__}") from None
+        return data
+
+    def download(self, key: str, dest: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3.download_file(self.bucket, check_key(key), str(dest))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageFailed(f"S3 download {key} failed: {type(exc).__name__}") from None
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=check_key(key))
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise StorageFailed(f"S3 head {key} failed") from None
+        return True
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+class LocalStore(ObjectStore):
+    """A directory tree; used by embedded mode for evidence."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise InvalidRef(f"refused object key {key[:80]!r}")
+        return path
+
+    def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name exists: write-once
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
+
+    def put_file_if_absent(self, key: str, path: Path, *, content_type: str) -> bool:
+        return self.put_if_absent(key, path.read_bytes(), content_type=content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def download(self, key: str, dest: Path) -> None:
+        dest.write_bytes(self.get_bytes(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
