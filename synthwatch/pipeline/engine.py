@@ -72,7 +72,7 @@ class Engine:
         self.models.resolve(self.face_model)
         pnet, rnet, onet = self.models.resolve(FACE_DETECTOR)
         self.faces = faces_op.FaceDetector(
-            pnet, rnet, onet, min_face_size=ms.face_min_size, threshold=ms.face_threshold
+            pnet, rnet, onet, min_size=ms.face_min_size, threshold=ms.face_threshold
         )
         self.backend_name = resolve_backend_name(ms.backend)
         self.backend = select_backend(
@@ -98,9 +98,8 @@ class Engine:
             alert_on=frozenset(pol.alert_on),
         )
         self.model_set = self.models.model_set_version([FACE_DETECTOR, self.face_model])
-        self.face_model_version = (
-            f"{self.face_model}@{self.models.spec(self.face_model).sha256[:12]}"
-        )
+        face_sha = self.models.spec(self.face_model).files[0].sha256
+        self.face_model_version = f"{self.face_model}@{face_sha[:12]}"
 
     def close(self) -> None:
         self.batcher.close()

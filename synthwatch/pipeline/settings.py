@@ -26,6 +26,9 @@ class _Frozen(BaseModel):
 class FetchSettings(_Frozen):
     allow_private: bool = False
     """Allow loopback/private/link-local destinations. Only for trusted deployments and tests."""
+    allow_networks: tuple[str, ...] = ()
+    """CIDRs allowed although not public (e.g. an internal media server, `10.20.0.0/16`):
+    narrower than `allow_private`, which opens every non-public range at once."""
     max_bytes: int = 512 * 1024 * 1024
     """Cap on decoded (not wire) body bytes."""
     timeout_s: float = 120.0

@@ -94,7 +94,7 @@ class Pipeline:
             store="memory://",
             autodiscover=False,
             topic_allow_declare=False,
-            topic_disable_leader=False,
+            topic_disable_leader=True,  # no leader-only features used; saves a topic
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
             broker_commit_every=1,
@@ -105,17 +105,11 @@ class Pipeline:
             web_host=settings.web_host,
             stream_wait_empty=True,
         )
-        raw = {
-            "key_type": bytes,
-            "value_type": bytes,
-            "key_serializer": "raw",
-            "value_serializer": "raw",
-        }
-        self.refs = self.app.topic(k.topic_refs, **raw)
-        self.fetched = self.app.topic(k.topic_fetched, **raw)
-        self.verdicts = self.app.topic(k.topic_verdicts, **raw)
-        self.alerts = self.app.topic(k.topic_alerts, **raw)
-        self.dlq = self.app.topic(k.topic_dlq, **raw)
+        self.refs = self._raw_topic(k.topic_refs)
+        self.fetched = self._raw_topic(k.topic_fetched)
+        self.verdicts = self._raw_topic(k.topic_verdicts)
+        self.alerts = self._raw_topic(k.topic_alerts)
+        self.dlq = self._raw_topic(k.topic_dlq)
         self.pool = ThreadPoolExecutor(
             max_workers=max(2, k.detect_concurrency), thread_name_prefix="sw-work"
         )
@@ -124,6 +118,12 @@ class Pipeline:
         self.engine: Engine | None = None
         self.fetcher: Fetcher | None = None
         self._wire()
+
+    def _raw_topic(self, name: str) -> Any:
+        # Raw bytes in and out: decoding is ours, so a poison record is routed, not fatal.
+        return self.app.topic(
+            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
     # -- the flow -----------------------------------------------------------------
 
@@ -303,7 +303,8 @@ class Pipeline:
     async def _update_lag(self) -> None:
         consumer = self.app.consumer
         for tp in consumer.assignment():
-            committed = consumer._committed_offset.get(tp)  # faust keeps no public accessor
+            # faust keeps the committed offsets in a private map and offers no accessor.
+            committed = getattr(consumer, "_committed_offset", {}).get(tp)
             position = committed if committed is not None else await consumer.position(tp)
             if position is None:
                 continue

@@ -19,8 +19,9 @@ def _row_ids(batch: np.ndarray) -> np.ndarray:
 
 def test_concurrent_callers_share_batches_and_get_their_own_scores() -> None:
     seen: list[int] = []
-    with Batcher(_row_ids, max_batch=16, max_delay_ms=50,
-                 on_batch=lambda n, s: seen.append(n)) as b:
+    with Batcher(
+        _row_ids, max_batch=16, max_delay_ms=50, on_batch=lambda n, s: seen.append(n)
+    ) as b:
         results: dict[int, np.ndarray] = {}
 
         def caller(k: int) -> None:
@@ -70,6 +71,11 @@ def test_model_failure_reaches_every_caller_in_the_batch() -> None:
 
 
 def test_wrong_number_of_scores_is_an_error_not_a_silent_misalignment() -> None:
-    with Batcher(lambda b: np.zeros(1, dtype=np.float32), max_batch=8, max_delay_ms=1) as b:
-        with pytest.raises(RuntimeError, match="scores for"):
-            b.run(np.zeros((3, 1), dtype=np.float32))
+    def short(batch: np.ndarray) -> np.ndarray:
+        return np.zeros(1, dtype=np.float32)
+
+    with (
+        Batcher(short, max_batch=8, max_delay_ms=1) as b,
+        pytest.raises(RuntimeError, match="scores for"),
+    ):
+        b.run(np.zeros((3, 1), dtype=np.float32))

@@ -25,10 +25,21 @@ def frame(i: int, t: float, score: float) -> FrameResult:
 def verdict(score: float = 0.9, frames: list[FrameResult] | None = None) -> Verdict:
     frames = frames if frames is not None else [frame(0, 0.5, 0.2), frame(1, 1.5, 0.95)]
     return Verdict(
-        id="m1", url="https://example.org/v.mp4", sha256="ab" * 32, media_type="video",
-        synthetic_score=score, decision="flag", signals=[], segments=[], frames=frames,
-        duration_s=2.0, faces_found=2, has_audio=False, model_set="ms1",
-        policy_version="policy.v1", blob="blobs/x",
+        id="m1",
+        url="https://example.org/v.mp4",
+        sha256="ab" * 32,
+        media_type="video",
+        synthetic_score=score,
+        decision="flag",
+        signals=[],
+        segments=[],
+        frames=frames,
+        duration_s=2.0,
+        faces_found=2,
+        has_audio=False,
+        model_set="ms1",
+        policy_version="policy.v1",
+        blob="blobs/x",
     )
 
 
@@ -58,7 +69,12 @@ def test_no_frames_scores_zero_without_segments() -> None:
 def test_policy_thresholds() -> None:
     p = Policy(version="p1", flag_threshold=0.8, review_threshold=0.5)
     assert [p.decide(s) for s in (0.1, 0.5, 0.79, 0.8, 1.0)] == [
-        "pass", "review", "review", "flag", "flag"]
+        "pass",
+        "review",
+        "review",
+        "flag",
+        "flag",
+    ]
     assert p.alerts("flag") and p.alerts("review") and not p.alerts("pass")
     with pytest.raises(ValueError, match="thresholds"):
         Policy(version="bad", flag_threshold=0.4, review_threshold=0.6)
@@ -75,11 +91,15 @@ def test_alert_id_is_deterministic_and_changes_with_policy_or_models() -> None:
 
 def _frames() -> list[EvidenceFrame]:
     rng = np.random.default_rng(0)
-    return [EvidenceFrame(time_s=t, image=rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
-            for t in (0.5, 1.5)]
+    return [
+        EvidenceFrame(time_s=t, image=rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+        for t in (0.5, 1.5)
+    ]
 
 
-def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(tmp_path: Path) -> None:
+def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(
+    tmp_path: Path,
+) -> None:
     store = LocalStore(tmp_path)
     v = verdict()
     first = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=_frames())

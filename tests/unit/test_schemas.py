@@ -17,7 +17,9 @@ def test_committed_schemas_match_records() -> None:
     assert len(expected) == len(RECORDS)
     for name, text in expected.items():
         committed = SCHEMA_DIR / name
-        assert committed.exists(), f"{name} is not committed: run python -m synthwatch.schemas.export"
+        assert committed.exists(), (
+            f"{name} is not committed: run python -m synthwatch.schemas.export"
+        )
         assert committed.read_text() == text, (
             f"{name} drifted from the record: run python -m synthwatch.schemas.export"
         )

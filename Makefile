@@ -1,0 +1,46 @@
+# Two entry points a new user needs: `make scan` and `make test`. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+SHARED ?= ../shared
+BIN := $(VENV)/bin
+SCAN_MEDIA ?= $(SHARED)/media/dev/fake/df00204.jpg $(SHARED)/media/dev/real/real00240.jpg \
+	$(SHARED)/media/dev/fake/sadtalker_generated_crop.gif $(SHARED)/media/dev/real/liveportrait_d11.mp4
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install scan test lint services-start services-stop schemas lock
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Embedded mode, no broker: scans sample media from ../shared and prints the verdicts.
+scan: install
+	SYNTHWATCH_MODEL_DIR=$${SYNTHWATCH_MODEL_DIR:-$(SHARED)/weights} \
+	$(BIN)/synthwatch scan $(SCAN_MEDIA) --evidence-dir scan-out/evidence --json scan-out/verdicts.jsonl
+
+# Unit tests, then integration tests against a real Kafka broker and S3 store, which
+# the integration fixtures start (scripts/services) when they are not already running.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+services-start:
+	scripts/services start
+
+services-stop:
+	scripts/services stop
+
+schemas: install
+	$(BIN)/python -m synthwatch.schemas.export
+
+# Regenerate the constraints file from the current virtualenv (after changing dependencies).
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt

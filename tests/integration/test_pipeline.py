@@ -1,0 +1,219 @@
+"""The streaming pipeline end to end: real Kafka broker, real S3 store, real worker process.
+
+Refs point at media served from 127.0.0.1 (the only address a test may contact; the
+worker allows exactly that network). Asserts what an operator of the feed would check:
+every ref ends as a verdict or a DLQ record, flagged items have an alert and a complete
+evidence bundle whose manifest hashes match, and bad input lands in the DLQ with its
+reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from synthwatch.schemas import MediaRef
+from tests.integration.conftest import Services
+from tests.media_factory import make_corrupt, make_image, make_video
+
+pytestmark = pytest.mark.shared  # the detectors' weights come from ../shared
+
+
+@pytest.fixture(scope="module")
+def media_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("media")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+
+
+def _env(services: Services, shared_dir: Path, run: str, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "SYNTHWATCH_MODEL_DIR": str(shared_dir / "weights"),
+            "SYNTHWATCH_KAFKA__BOOTSTRAP_SERVERS": services.bootstrap,
+            "SYNTHWATCH_KAFKA__APP_ID": f"synthwatch-it-{run}",
+            "SYNTHWATCH_KAFKA__PARTITIONS": "2",
+            "SYNTHWATCH_KAFKA__TOPIC_REFS": f"{run}.media.refs",
+            "SYNTHWATCH_KAFKA__TOPIC_FETCHED": f"{run}.media.fetched",
+            "SYNTHWATCH_KAFKA__TOPIC_VERDICTS": f"{run}.media.verdicts",
+            "SYNTHWATCH_KAFKA__TOPIC_ALERTS": f"{run}.media.alerts",
+            "SYNTHWATCH_KAFKA__TOPIC_DLQ": f"{run}.media.dlq",
+            "SYNTHWATCH_S3__ENDPOINT_URL": services.s3_endpoint,
+            "SYNTHWATCH_S3__ACCESS_KEY_ID": services.access_key,
+            "SYNTHWATCH_S3__SECRET_ACCESS_KEY": services.secret_key,
+            "SYNTHWATCH_S3__BUCKET": services.bucket,
+            # Loopback only, so the test's media server is reachable and nothing else is.
+            "SYNTHWATCH_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+            # Flag everything scored, so the evidence path runs on generated media.
+            "SYNTHWATCH_POLICY__FLAG_THRESHOLD": "0.0",
+            "SYNTHWATCH_POLICY__REVIEW_THRESHOLD": "0.0",
+            "SYNTHWATCH_SAMPLE__FRAMES": "4",
+            "SYNTHWATCH_WEB_PORT": str(port),
+            "SYNTHWATCH_LOG_JSON": "true",
+        }
+    )
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _collect(
+    bootstrap: str, topics: list[str], want: Any, timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    got: dict[str, list[dict[str, Any]]] = {t: [] for t in topics}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for tp, msgs in batch.items():
+                got[tp.topic].extend(json.loads(m.value) for m in msgs)
+            if want(got) if callable(want) else False:
+                break
+    finally:
+        await consumer.stop()
+    return got
+
+
+def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
+    services: Services, s3_client: Any, shared_dir: Path, media_server: tuple[str, Path]
+) -> None:
+    base, root = media_server
+    make_video(root / "clip.mp4", seconds=2.0, width=320, height=240, faces=True, audio=True)
+    make_image(root / "photo.jpg", width=400, height=300)
+    make_corrupt(root / "broken.mp4", root / "clip.mp4", keep=0.3)
+    (root / "notes.txt").write_text("not media at all\n" * 50)
+
+    run = f"it{uuid.uuid4().hex[:8]}"
+    port = _free_port()
+    env = _env(services, shared_dir, run, port)
+    subprocess.run(
+        [sys.executable, "-m", "synthwatch", "topics", "create"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    refs = {
+        "clip": f"{base}/clip.mp4",
+        "photo": f"{base}/photo.jpg",
+        "broken": f"{base}/broken.mp4",
+        "text": f"{base}/notes.txt",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "private": "http://10.0.0.7/a.mp4",
+    }
+    ids = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in refs}
+
+    log_path = root / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "synthwatch", "worker", "--role", "all"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        from synthwatch.pipeline.kafka import produce_refs
+        from synthwatch.pipeline.settings import Settings
+
+        settings = Settings(
+            kafka={"bootstrap_servers": services.bootstrap, "topic_refs": f"{run}.media.refs"}
+        )
+        asyncio.run(
+            produce_refs(
+                settings,
+                [
+                    MediaRef(id=ids[n], url=u, source="it", submitted_at=time.time())
+                    for n, u in refs.items()
+                ],
+            )
+        )
+
+        verdicts_t, dlq_t, alerts_t = (
+            f"{run}.media.verdicts",
+            f"{run}.media.dlq",
+            f"{run}.media.alerts",
+        )
+
+        def done(got: dict[str, list[dict[str, Any]]]) -> bool:
+            ended = {r["id"] for r in got[verdicts_t]} | {r["id"] for r in got[dlq_t]}
+            flagged = {r["id"] for r in got[verdicts_t] if r["decision"] == "flag"}
+            alerted = {r["id"] for r in got[alerts_t]}
+            return set(ids.values()) <= ended and flagged <= alerted
+
+        got = asyncio.run(_collect(services.bootstrap, [verdicts_t, dlq_t, alerts_t], done, 240))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    log_text = log_path.read_text(errors="replace")
+    assert done(got), f"not every ref ended; worker log tail:\n{log_text[-4000:]}"
+
+    verdicts = {r["id"]: r for r in got[verdicts_t]}
+    dlq = {r["id"]: r for r in got[dlq_t]}
+    alerts = {r["id"]: r for r in got[alerts_t]}
+    # Exactly one ending per ref.
+    assert not set(verdicts) & set(dlq)
+
+    for good in ("clip", "photo"):
+        v = verdicts[ids[good]]
+        assert v["decision"] == "flag"
+        assert v["frames"], "sampled frames were scored"
+        alert = alerts[ids[good]]
+        assert alert["sha256"] == v["sha256"]
+        key = alert["evidence_uri"].removeprefix(f"s3://{services.bucket}/")
+        manifest_bytes = s3_client.get_object(Bucket=services.bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(manifest_bytes).hexdigest() == alert["manifest_sha256"]
+        manifest = json.loads(manifest_bytes)
+        assert manifest["media_sha256"] == v["sha256"]
+        assert {o["role"] for o in manifest["objects"]} >= {"report", "frame"}
+        for obj in manifest["objects"]:
+            body = s3_client.get_object(Bucket=services.bucket, Key=obj["key"])["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == obj["sha256"], obj["key"]
+    assert verdicts[ids["clip"]]["has_audio"] is True
+
+    assert dlq[ids["broken"]]["reason"] == "corrupt_media"
+    assert dlq[ids["broken"]]["stage"] == "detect"
+    assert dlq[ids["text"]]["reason"] == "unsupported_media"
+    for refused in ("metadata", "private"):
+        assert dlq[ids[refused]]["reason"] == "refused_address"
+        assert dlq[ids[refused]]["stage"] == "fetch"
+    assert worker.returncode == 0, log_text[-4000:]

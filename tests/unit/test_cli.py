@@ -1,0 +1,183 @@
+"""`synthwatch scan` as a user meets it: verdict lines, evidence, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from synthwatch.pipeline.cli import app
+from tests.media_factory import make_corrupt, make_image, make_video
+
+runner = CliRunner()
+
+
+def _scan(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "synthwatch", "scan", *args],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def model_env(shared_dir: Path, tmp_path: Path) -> dict[str, str]:
+    return {
+        "SYNTHWATCH_MODEL_DIR": str(shared_dir / "weights"),
+        "HOME": str(tmp_path / "home"),
+        "SYNTHWATCH_SAMPLE__FRAMES": "6",
+    }
+
+
+@pytest.mark.shared
+def test_scan_writes_one_json_line_per_item_and_evidence(
+    model_env: dict[str, str], shared_dir: Path, tmp_path: Path
+) -> None:
+    video = make_video(tmp_path / "clip.mp4", seconds=2.0, faces=True, audio=True)
+    image = make_image(tmp_path / "photo.png", width=320, height=240, fmt="PNG")
+    fake_face = shared_dir / "media/dev/fake/df00204.jpg"
+    evidence = tmp_path / "evidence"
+    proc = _scan(
+        [str(video), str(image), str(fake_face), "--json", "-", "--evidence-dir", str(evidence)],
+        model_env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["source"] for r in lines] == [str(video), str(image), str(fake_face)]
+    for rec in lines:
+        for key in (
+            "source",
+            "sha256",
+            "media_type",
+            "synthetic_score",
+            "decision",
+            "signals",
+            "segments",
+        ):
+            assert key in rec
+        assert 0.0 <= rec["synthetic_score"] <= 1.0
+    assert [r["media_type"] for r in lines] == ["video", "image", "image"]
+    assert lines[0]["has_audio"] is True
+    # The DeepFake test face from MesoNet's repository is flagged, with evidence.
+    face = lines[2]
+    assert face["decision"] == "flag"
+    assert face["synthetic_score"] > 0.8
+    manifest = Path(face["evidence"].removeprefix("file://"))
+    assert json.loads(manifest.read_text())["media_sha256"] == face["sha256"]
+    assert "verdicts" in proc.stderr  # the table goes to stderr when JSON goes to stdout
+
+
+@pytest.mark.shared
+def test_a_bad_item_is_reported_and_the_others_still_scanned(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    good = make_image(tmp_path / "ok.jpg", width=200, height=200)
+    broken = make_corrupt(tmp_path / "broken.mp4", make_video(tmp_path / "src.mp4"), keep=0.2)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    proc = _scan([str(good), str(broken), str(text), "--json", "-"], model_env)
+    assert proc.returncode == 1
+    lines = {r["source"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert lines[str(good)]["decision"] in ("pass", "review", "flag")
+    assert lines[str(broken)]["error"] == "corrupt_media"
+    assert lines[str(text)]["error"] == "unsupported_media"
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_weights_are_one_clear_line(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["scan", str(tmp_path / "x.jpg")], env={"SYNTHWATCH_MODEL_DIR": str(tmp_path)}
+    )
+    assert result.exit_code == 2
+    assert "model_unavailable" in result.output
+    assert str(tmp_path) in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.shared
+def test_missing_file_is_an_error_not_a_traceback(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    proc = _scan([str(tmp_path / "nope.mp4")], model_env)
+    assert proc.returncode == 1
+    assert "nope.mp4" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.shared
+def test_loopback_and_metadata_urls_are_refused_without_a_connection(
+    model_env: dict[str, str],
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept())
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    urls = [
+        f"http://127.0.0.1:{port}/a.mp4",
+        f"http://2130706433:{port}/a.mp4",  # 127.0.0.1 as one decimal number
+        f"http://0x7f.1:{port}/a.mp4",
+        f"http://[::ffff:127.0.0.1]:{port}/a.mp4",
+    ]
+    try:
+        proc = _scan([*urls, "--json", "-"], model_env)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert accepted == [], "the guard let a connection through"
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["error"] for r in lines] == ["refused_address"] * len(urls)
+
+
+@pytest.mark.shared
+def test_metadata_and_private_urls_are_refused_before_any_connect(
+    model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only loopback may really be contacted by a test, so the connect call itself is
+    # intercepted: a failing guard would be caught here, not on the network.
+    attempts: list[object] = []
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self: socket.socket, address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1"):
+            attempts.append(address)
+            raise OSError("test interception: non-loopback connect")
+        real_connect(self, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    urls = [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://2852039166/latest/meta-data/",  # 169.254.169.254 as one decimal number
+        "http://[fd00:ec2::254]/latest/",
+        "http://10.1.2.3/a.mp4",
+        "http://100.64.0.1/a.mp4",
+    ]
+    result = runner.invoke(app, ["scan", *urls, "--json", "-"], env=model_env)
+    assert attempts == []
+    assert result.exit_code == 1
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert [r["error"] for r in lines] == ["refused_address"] * len(urls)
+    assert "metadata" in lines[0]["message"]

@@ -1,0 +1,101 @@
+"""Face crops: MesoNet's 1.3x square framing, black padding at the edges, the detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthwatch.models.mtcnn import Detection
+from synthwatch.operators.errors import ModelUnavailable
+from synthwatch.operators.faces import FaceDetector, crop_faces, whole_frame_crop
+
+
+def _frame(height: int = 480, width: int = 640) -> np.ndarray:
+    # Every pixel distinct enough that a shifted crop cannot pass for the right one.
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs % 251, ys % 241, (xs + ys) % 239 + 1], axis=2).astype(np.uint8)
+
+
+def _det(x0: float, y0: float, x1: float, y1: float, confidence: float = 0.99) -> Detection:
+    return Detection(x0, y0, x1, y1, confidence)
+
+
+def test_crop_is_box_enlarged_1_3x_about_its_centre() -> None:
+    frame = _frame()
+    (crop,) = crop_faces(frame, [_det(100, 100, 200, 200)], size=130)
+    assert crop.box == (100, 100, 200, 200)
+    assert crop.crop_box == (85, 85, 215, 215)
+    # At size == side the resize is the identity, so the pixels are the frame's.
+    np.testing.assert_array_equal(crop.image, frame[85:215, 85:215])
+
+
+def test_crop_of_a_tall_box_is_square_on_its_long_side() -> None:
+    (crop,) = crop_faces(_frame(), [_det(300, 100, 360, 200)])
+    x0, y0, x1, y1 = crop.crop_box
+    assert x1 - x0 == y1 - y0 == 130
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == (330, 150)
+
+
+def test_crop_is_resized_to_requested_rgb_size() -> None:
+    crops = crop_faces(_frame(), [_det(100, 100, 300, 300), _det(400, 50, 420, 70)], size=256)
+    assert [c.image.shape for c in crops] == [(256, 256, 3), (256, 256, 3)]
+    assert all(c.image.dtype == np.uint8 for c in crops)
+
+
+def test_crop_past_the_edge_is_shifted_inside_the_frame_not_padded() -> None:
+    frame = _frame()
+    (crop,) = crop_faces(frame, [_det(0, 0, 50, 50)], size=65)
+    assert crop.crop_box == (0, 0, 65, 65)
+    np.testing.assert_array_equal(crop.image, frame[:65, :65])
+
+
+def test_crop_larger_than_the_frame_shrinks_to_its_shorter_side() -> None:
+    frame = _frame(200, 300)
+    (crop,) = crop_faces(frame, [_det(20, -10, 280, 190)], size=200)
+    x0, y0, x1, y1 = crop.crop_box
+    assert (y0, y1) == (0, 200) and x1 - x0 == 200
+    np.testing.assert_array_equal(crop.image, frame[:, int(x0) : int(x1)])
+
+
+def test_crop_skips_low_confidence_and_off_frame_boxes() -> None:
+    dets = [_det(10, 10, 60, 60, 0.5), _det(1000, 1000, 1100, 1100), _det(10, 10, 60, 60, 0.95)]
+    crops = crop_faces(_frame(), dets)
+    assert [c.confidence for c in crops] == [0.95]
+
+
+def test_whole_frame_crop_is_the_centred_square() -> None:
+    frame = _frame(480, 640)
+    np.testing.assert_array_equal(whole_frame_crop(frame, size=480), frame[:, 80:560])
+    assert whole_frame_crop(frame).shape == (256, 256, 3)
+
+
+def test_crops_reject_non_rgb_frames() -> None:
+    with pytest.raises(ValueError):
+        whole_frame_crop(np.zeros((32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError):
+        crop_faces(np.zeros((32, 32, 3), dtype=np.float32), [])
+
+
+def test_detector_with_missing_weights_is_model_unavailable(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(ModelUnavailable):
+        FaceDetector(missing, missing, missing)
+
+
+@pytest.mark.shared
+def test_detector_and_crops_on_the_multiface_clip(shared_dir: Path) -> None:
+    import av
+
+    root = shared_dir / "weights" / "mtcnn"
+    detector = FaceDetector(
+        root / "pnet.pt", root / "rnet.pt", root / "onet.pt", min_size=40, threshold=0.9
+    )
+    with av.open(str(shared_dir / "media/dev/real/facenet_multiface.mp4")) as container:
+        frame = np.asarray(next(container.decode(video=0)).to_ndarray(format="rgb24"), np.uint8)
+    (detections,) = detector.detect([frame])
+    assert all(d.confidence >= 0.9 for d in detections)
+    crops = crop_faces(frame, detections)
+    assert len(crops) >= 5  # observed 6
+    assert all(c.image.shape == (256, 256, 3) for c in crops)
