@@ -90,6 +90,9 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
             where = ".".join(str(p) for p in first["loc"])
             err.print(f"[bold red]error[/] (settings): {where}: {first['msg']}", highlight=False)
             raise typer.Exit(2) from None
+        except OSError as exc:  # an unwritable output or evidence path, a full disk
+            err.print(f"[bold red]error[/] (os): {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -225,6 +228,11 @@ def scan(
     if json_fh is not None and json_fh is not sys.stdout:
         json_fh.close()
     _print_table(results, to_stderr=json_out == "-")
+    alerted = sum(1 for r in results if "evidence" in r.record)
+    if store is not None and alerted:
+        err.print(f"evidence bundles for {alerted} item(s) in {evidence_dir}", highlight=False)
+    if json_out not in (None, "-"):
+        err.print(f"verdicts written to {json_out}", highlight=False)
     if any(r.error for r in results):
         raise typer.Exit(1)
 
@@ -242,7 +250,9 @@ def _open_json(json_out: str | None) -> Any:
         return None
     if json_out == "-":
         return sys.stdout
-    return Path(json_out).open("w", encoding="utf-8")
+    path = Path(json_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("w", encoding="utf-8")
 
 
 def _progress() -> Progress:
@@ -322,7 +332,7 @@ def submit(
     ]
     asyncio.run(produce_refs(settings, refs))
     for ref in refs:
-        out.print(f"{ref.id}\t{ref.url}", highlight=False, soft_wrap=True)
+        typer.echo(f"{ref.id}\t{ref.url}")  # plain: scripts parse these lines
 
 
 @topics_app.command("create")

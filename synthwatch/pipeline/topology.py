@@ -22,6 +22,8 @@ schema, null value) becomes a DLQ record instead of a crashed agent.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import shutil
 import tempfile
 import time
@@ -141,9 +143,11 @@ class Pipeline:
             if self.engine is None:
                 self.engine = Engine(self.settings)
             app.agent(self.verdicts, name="decide")(self._stage("decide", self._decide))
-        app.page("/metrics")(self._metrics_view)
-        app.page("/health/live")(self._live_view)
-        app.page("/health/ready")(self._ready_view)
+        # faust turns a page function into a View's `get`, called as (view, request), so
+        # these must be plain functions (closures), not bound methods.
+        app.page("/metrics")(_view(self._metrics))
+        app.page("/health/live")(_view(self._live))
+        app.page("/health/ready")(_view(self._ready))
         app.timer(interval=10.0)(self._update_lag)
         app.task(self._on_start)
 
@@ -157,6 +161,7 @@ class Pipeline:
         item_dir = Path(tempfile.mkdtemp(dir=self.work_dir))
         try:
             got = self.fetcher.fetch(ref.url, item_dir)
+            structlog.contextvars.bind_contextvars(sha256=got.sha256, id=ref.id)
             key = blob_key(self.settings.s3.blob_prefix, got.sha256)
             self.store.put_file_if_absent(key, got.path, content_type=got.mime)
         finally:
@@ -177,6 +182,7 @@ class Pipeline:
     def _detect(self, raw: bytes | None) -> tuple[Any, bytes, bytes] | None:
         # media.fetched -> FetchedMedia -> blob from S3 -> sample, faces, infer, fuse -> Verdict
         fm = decode(raw, FetchedMedia)
+        structlog.contextvars.bind_contextvars(sha256=fm.sha256, id=fm.id)
         assert self.engine is not None
         with self._local_blob(fm.blob, fm.sha256) as path:
             analysis = self.engine.analyze(
@@ -192,11 +198,17 @@ class Pipeline:
                 )
             )
         metrics.ITEMS.labels("detect", analysis.verdict.decision).inc()
+        log.info(
+            "verdict",
+            decision=analysis.verdict.decision,
+            synthetic_score=analysis.verdict.synthetic_score,
+        )
         return self.verdicts, fm.id.encode(), encode(analysis.verdict)
 
     def _decide(self, raw: bytes | None) -> tuple[Any, bytes, bytes] | None:
         # media.verdicts -> Verdict -> (alerting decision) evidence to S3 -> Alert
         verdict = decode(raw, Verdict)
+        structlog.contextvars.bind_contextvars(sha256=verdict.sha256, id=verdict.id)
         assert self.engine is not None
         engine = self.engine
         if not engine.policy.alerts(verdict.decision):
@@ -212,7 +224,13 @@ class Pipeline:
         )
         if decided is None:
             return None
-        alert, _bundle = decided
+        alert, bundle = decided
+        log.info(
+            "alert",
+            alert_id=alert.alert_id,
+            evidence=bundle.manifest_key,
+            evidence_created=bundle.created,
+        )
         return self.alerts, alert.alert_id.encode(), encode(alert)
 
     # -- plumbing shared by every stage ---------------------------------------------
@@ -262,7 +280,12 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        # run_in_executor does not carry contextvars over: copy them, so the worker
+        # thread's log lines keep the record's topic, partition and offset.
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(ctx.run, fn, *args)
+        )
 
     async def _dead_letter(self, stage: Stage, event: Any, reason: str, error: str) -> None:
         msg = event.message
@@ -289,16 +312,16 @@ class Pipeline:
 
     # -- web views and timers -----------------------------------------------------
 
-    async def _metrics_view(self, web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+    def _metrics(self, view: Any) -> Any:
+        return view.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
-    async def _live_view(self, web: Any, request: Any) -> Any:
-        return web.json({"live": True})
+    def _live(self, view: Any) -> Any:
+        return view.json({"live": True})
 
-    async def _ready_view(self, web: Any, request: Any) -> Any:
-        assigned = len(self.app.consumer.assignment()) if self.app.consumer else 0
+    def _ready(self, view: Any) -> Any:
+        assigned = len(self.app.consumer.assignment())
         ready = assigned > 0
-        return web.json({"ready": ready, "partitions": assigned}, status=200 if ready else 503)
+        return view.json({"ready": ready, "partitions": assigned}, status=200 if ready else 503)
 
     async def _update_lag(self) -> None:
         consumer = self.app.consumer
@@ -318,6 +341,13 @@ class Pipeline:
             self.fetcher.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _view(handler: Callable[[Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def page(view: Any, request: Any) -> Any:
+        return handler(view)
+
+    return page
 
 
 class _BlobFile:

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from synthwatch.schemas import MediaRef
 from tests.integration.conftest import Services
 from tests.media_factory import make_corrupt, make_image, make_video
 
@@ -138,7 +138,6 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         "metadata": "http://169.254.169.254/latest/meta-data/",
         "private": "http://10.0.0.7/a.mp4",
     }
-    ids = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in refs}
 
     log_path = root / "worker.log"
     with log_path.open("wb") as log:
@@ -149,21 +148,17 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
             stderr=subprocess.STDOUT,
         )
     try:
-        from synthwatch.pipeline.kafka import produce_refs
-        from synthwatch.pipeline.settings import Settings
-
-        settings = Settings(
-            kafka={"bootstrap_servers": services.bootstrap, "topic_refs": f"{run}.media.refs"}
+        # Submitted through the CLI a user would use; it prints "id<TAB>url" per ref.
+        sub = subprocess.run(
+            [sys.executable, "-m", "synthwatch", "submit", *refs.values(), "--source", "it"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        asyncio.run(
-            produce_refs(
-                settings,
-                [
-                    MediaRef(id=ids[n], url=u, source="it", submitted_at=time.time())
-                    for n, u in refs.items()
-                ],
-            )
-        )
+        by_url = dict(reversed(line.split("\t", 1)) for line in sub.stdout.splitlines())
+        ids = {name: by_url[url] for name, url in refs.items()}
 
         verdicts_t, dlq_t, alerts_t = (
             f"{run}.media.verdicts",
@@ -178,6 +173,8 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
             return set(ids.values()) <= ended and flagged <= alerted
 
         got = asyncio.run(_collect(services.bootstrap, [verdicts_t, dlq_t, alerts_t], done, 240))
+        metrics_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=10)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -217,3 +214,23 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         assert dlq[ids[refused]]["reason"] == "refused_address"
         assert dlq[ids[refused]]["stage"] == "fetch"
     assert worker.returncode == 0, log_text[-4000:]
+
+    # The worker's web port serves what an operator scrapes.
+    assert ready.status_code == 200 and ready.json()["partitions"] > 0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(metrics_text)
+        for s in fam.samples
+    }
+    assert samples[("synthwatch_items_total", (("outcome", "flag"), ("stage", "detect")))] == 2
+    dlq_key = ("synthwatch_dlq_total", (("reason", "refused_address"), ("stage", "fetch")))
+    assert samples[dlq_key] == 2
+    assert (
+        samples[("synthwatch_dlq_total", (("reason", "corrupt_media"), ("stage", "detect")))] == 1
+    )
+    # Two items were scored; their crops may share one batch (that is the batcher's job).
+    assert samples[("synthwatch_batch_size_count", ())] >= 1
+    assert samples[("synthwatch_batch_size_sum", ())] >= 2
+    assert samples[("synthwatch_inference_seconds_count", ())] >= 1

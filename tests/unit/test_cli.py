@@ -181,3 +181,15 @@ def test_metadata_and_private_urls_are_refused_before_any_connect(
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
     assert [r["error"] for r in lines] == ["refused_address"] * len(urls)
     assert "metadata" in lines[0]["message"]
+
+
+def test_an_unwritable_json_path_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(
+        app,
+        ["scan", str(tmp_path / "x.jpg"), "--json", str(blocker / "sub" / "out.jsonl")],
+        env={"SYNTHWATCH_MODEL_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
