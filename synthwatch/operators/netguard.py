@@ -250,10 +250,8 @@ def parse_host(host: str) -> IPAddress | None:
             h = h.encode("idna").decode("ascii")
         except UnicodeError:
             return None
-    try:
+    with contextlib.suppress(ValueError):  # not canonical: try the legacy forms below
         return ipaddress.ip_address(h)
-    except ValueError:
-        pass
     if _LEGACY_V4.match(h) and not h.endswith("."):
         try:
             return ipaddress.IPv4Address(socket.inet_aton(h))

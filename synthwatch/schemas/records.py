@@ -19,7 +19,7 @@ Decision = Literal["flag", "review", "pass"]
 
 
 class _Record(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
-    pass
+    """Base of every wire record: frozen, keyword-only, tagged in the `type` field."""
 
 
 class MediaRef(_Record, tag="media_ref.v1", frozen=True, kw_only=True):

@@ -78,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
             route(self)
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass
+        """Keep the test server's access log out of the test output."""
 
 
 def _body(data: bytes, *, status: int = 200, headers: dict[str, str] | None = None) -> Route:

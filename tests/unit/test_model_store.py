@@ -69,7 +69,7 @@ def server() -> Iterator[tuple[str, dict[str, bytes]]]:
             self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
-            pass
+            """Keep the test server's access log out of the test output."""
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
