@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,13 +84,18 @@ def write_bundle(
     prefix: str,
     alert_id: str,
     verdict: Verdict,
-    frames: Sequence[EvidenceFrame],
+    frames: Callable[[], Sequence[EvidenceFrame]],
 ) -> Bundle:
-    """Write the bundle (idempotent); `frames` are decoded images near the driving times."""
+    """Write the bundle (idempotent).
+
+    `frames` returns decoded images near the driving times; it is called only when the
+    bundle does not exist yet, so a redelivered verdict costs no download or decode.
+    """
     base = f"{prefix}/{alert_id}"
     manifest_key = f"{base}/manifest.json"
     if store.exists(manifest_key):
         return _existing(store, manifest_key)
+    decoded = frames()
     objects: list[dict[str, object]] = []
 
     def put(name: str, data: bytes, content_type: str, role: str, **extra: object) -> str:
@@ -104,7 +109,7 @@ def write_bundle(
 
     frame_refs = []
     for n, fr in enumerate(driving_frames(verdict)):
-        ev = _closest(frames, fr.time_s)
+        ev = _closest(decoded, fr.time_s)
         if ev is None:
             continue
         name = f"frame_{n:02d}_{fr.time_s:08.3f}s.jpg"

@@ -6,6 +6,7 @@ missing weights) print one line and exit non-zero; they never show a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
@@ -195,7 +196,7 @@ def scan(
                 if store is not None:
                     decided = decide(
                         analysis.verdict,
-                        sampled_evidence(analysis.sampled),
+                        functools.partial(sampled_evidence, analysis.sampled),
                         store,
                         evidence_prefix="evidence",
                         policy=engine.policy,

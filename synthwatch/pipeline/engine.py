@@ -8,7 +8,7 @@ crops from concurrent items share batches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +90,7 @@ class Engine:
             on_batch=metrics.observe_batch,
             name=f"batcher-{self.face_model}",
         )
-        pol = settings.policy
-        self.policy = Policy(
-            version=pol.version,
-            flag_threshold=pol.flag_threshold,
-            review_threshold=pol.review_threshold,
-            alert_on=frozenset(pol.alert_on),
-        )
+        self.policy = build_policy(settings)
         self.model_set = self.models.model_set_version([FACE_DETECTOR, self.face_model])
         face_sha = self.models.spec(self.face_model).files[0].sha256
         self.face_model_version = f"{self.face_model}@{face_sha[:12]}"
@@ -217,26 +211,41 @@ class Engine:
             for f, v in zip(sampled.frames, scores, strict=True)
         ], notes
 
-    def evidence_frames(self, verdict: Verdict, path: Path) -> list[EvidenceFrame]:
-        """Re-decode the frames that drove the verdict (the decide stage has no frames)."""
-        times = [f.time_s for f in driving_frames(verdict)]
-        if not times:
-            return []
-        return [
-            EvidenceFrame(time_s=f.time_s, image=f.image)
-            for f in frames_at(path, times, self.settings.sample)
-        ]
+
+def build_policy(settings: Settings) -> Policy:
+    pol = settings.policy
+    return Policy(
+        version=pol.version,
+        flag_threshold=pol.flag_threshold,
+        review_threshold=pol.review_threshold,
+        alert_on=frozenset(pol.alert_on),
+    )
+
+
+def evidence_frames(verdict: Verdict, path: Path, settings: Settings) -> list[EvidenceFrame]:
+    """Re-decode the frames that drove a verdict: the decide stage receives no pixels, and
+    needs no detector to draw its evidence, only the media and the verdict's timeline."""
+    times = [f.time_s for f in driving_frames(verdict)]
+    if not times:
+        return []
+    return [
+        EvidenceFrame(time_s=f.time_s, image=f.image)
+        for f in frames_at(path, times, settings.sample)
+    ]
 
 
 def decide(
     verdict: Verdict,
-    frames: Sequence[EvidenceFrame],
+    frames: Callable[[], Sequence[EvidenceFrame]],
     store: ObjectStore,
     *,
     evidence_prefix: str,
     policy: Policy,
 ) -> tuple[Alert, Bundle] | None:
-    """For an alerting decision: write the evidence bundle, then build the alert."""
+    """For an alerting decision: write the evidence bundle, then build the alert.
+
+    `frames` is called only if the bundle is not in the store yet.
+    """
     if not policy.alerts(verdict.decision):
         return None
     aid = alert_id(verdict.sha256, verdict.model_set, verdict.policy_version)

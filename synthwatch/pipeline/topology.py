@@ -37,10 +37,11 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from synthwatch.operators.errors import StorageFailed, SynthwatchError, is_permanent
+from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.store import S3Store, blob_key
 from synthwatch.pipeline import metrics
-from synthwatch.pipeline.engine import Engine, Item, decide
+from synthwatch.pipeline.engine import Engine, Item, build_policy, decide, evidence_frames
 from synthwatch.pipeline.kafka import client_kwargs
 from synthwatch.pipeline.settings import Settings
 from synthwatch.schemas import (
@@ -117,6 +118,7 @@ class Pipeline:
         )
         self.store = S3Store(s3_client(settings), settings.s3.bucket)
         self.work_dir = Path(tempfile.mkdtemp(prefix="synthwatch-work-", dir=settings.work_dir))
+        self.policy = build_policy(settings)
         self.engine: Engine | None = None
         self.fetcher: Fetcher | None = None
         self._wire()
@@ -140,8 +142,7 @@ class Pipeline:
                 self._stage("detect", self._detect)
             )
         if role in ("decide", "all"):
-            if self.engine is None:
-                self.engine = Engine(self.settings)
+            # decide needs no detector: policy, the blob and the verdict's timeline.
             app.agent(self.verdicts, name="decide")(self._stage("decide", self._decide))
         # faust turns a page function into a View's `get`, called as (view, request), so
         # these must be plain functions (closures), not bound methods.
@@ -163,7 +164,10 @@ class Pipeline:
             got = self.fetcher.fetch(ref.url, item_dir)
             structlog.contextvars.bind_contextvars(sha256=got.sha256, id=ref.id)
             key = blob_key(self.settings.s3.blob_prefix, got.sha256)
-            self.store.put_file_if_absent(key, got.path, content_type=got.mime)
+            # Popular media is submitted again and again: skip the upload when present
+            # (the conditional PUT would refuse it anyway, after sending every byte).
+            if not self.store.exists(key):
+                self.store.put_file_if_absent(key, got.path, content_type=got.mime)
         finally:
             shutil.rmtree(item_dir, ignore_errors=True)
         out = FetchedMedia(
@@ -209,18 +213,19 @@ class Pipeline:
         # media.verdicts -> Verdict -> (alerting decision) evidence to S3 -> Alert
         verdict = decode(raw, Verdict)
         structlog.contextvars.bind_contextvars(sha256=verdict.sha256, id=verdict.id)
-        assert self.engine is not None
-        engine = self.engine
-        if not engine.policy.alerts(verdict.decision):
+        if not self.policy.alerts(verdict.decision):
             return None
-        with self._local_blob(verdict.blob, verdict.sha256) as path:
-            frames = engine.evidence_frames(verdict, path)
+
+        def frames() -> list[EvidenceFrame]:
+            with self._local_blob(verdict.blob, verdict.sha256) as path:
+                return evidence_frames(verdict, path, self.settings)
+
         decided = decide(
             verdict,
             frames,
             self.store,
             evidence_prefix=self.settings.s3.evidence_prefix,
-            policy=engine.policy,
+            policy=self.policy,
         )
         if decided is None:
             return None

@@ -102,7 +102,7 @@ def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(
 ) -> None:
     store = LocalStore(tmp_path)
     v = verdict()
-    first = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=_frames())
+    first = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=_frames)
     assert first.created
     manifest = json.loads(store.get_bytes(first.manifest_key))
     roles = sorted(o["role"] for o in manifest["objects"])
@@ -110,7 +110,10 @@ def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(
     assert verify_bundle(store, first.manifest_key) == []
     stored = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
-    again = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=_frames())
+    def must_not_decode() -> list[EvidenceFrame]:
+        raise AssertionError("a redelivered verdict re-decoded its frames")
+
+    again = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=must_not_decode)
     assert not again.created
     assert again.manifest_sha256 == first.manifest_sha256
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == stored
@@ -118,7 +121,7 @@ def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(
 
 def test_tampered_evidence_is_detected(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    b = write_bundle(store, prefix="evidence", alert_id="a2", verdict=verdict(), frames=_frames())
+    b = write_bundle(store, prefix="evidence", alert_id="a2", verdict=verdict(), frames=_frames)
     report = next(tmp_path.rglob("*_report.json"))
     report.write_bytes(report.read_bytes().replace(b"0.95", b"0.05"))
     assert any("mismatch" in p for p in verify_bundle(store, b.manifest_key))
