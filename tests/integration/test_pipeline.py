@@ -234,3 +234,93 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
     assert samples[("synthwatch_batch_size_count", ())] >= 1
     assert samples[("synthwatch_batch_size_sum", ())] >= 2
     assert samples[("synthwatch_inference_seconds_count", ())] >= 1
+
+
+def _list_keys(s3_client: Any, bucket: str, prefix: str) -> dict[str, str]:
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_one_process_per_role_and_a_redelivered_verdict_changes_nothing(
+    services: Services, s3_client: Any, shared_dir: Path, media_server: tuple[str, Path]
+) -> None:
+    """fetch, detect and decide as separate processes (as Kubernetes runs them); then the
+    verdict is delivered a second time, as after a crash before the offset commit: the
+    alert keeps its id and the evidence in S3 is neither duplicated nor overwritten."""
+    from aiokafka import AIOKafkaProducer
+
+    base, root = media_server
+    make_image(root / "roles.jpg", width=320, height=240)
+    run = f"it{uuid.uuid4().hex[:8]}"
+    env = _env(services, shared_dir, run, _free_port())
+    subprocess.run(
+        [sys.executable, "-m", "synthwatch", "topics", "create"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    workers: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    for role in ("fetch", "detect", "decide"):
+        role_env = {**env, "SYNTHWATCH_WEB_PORT": str(_free_port())}
+        logs.append(root / f"{run}-{role}.log")
+        with logs[-1].open("wb") as log:
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "synthwatch", "worker", "--role", role],
+                    env=role_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    verdicts_t, alerts_t = f"{run}.media.verdicts", f"{run}.media.alerts"
+    try:
+        sub = subprocess.run(
+            [sys.executable, "-m", "synthwatch", "submit", f"{base}/roles.jpg"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        ref_id = sub.stdout.split("\t", 1)[0]
+
+        def alerted(n: int) -> Any:
+            return lambda got: sum(a["id"] == ref_id for a in got[alerts_t]) >= n
+
+        first = asyncio.run(_collect(services.bootstrap, [verdicts_t, alerts_t], alerted(1), 180))
+        assert alerted(1)(first), "\n".join(p.read_text(errors="replace")[-2000:] for p in logs)
+        (alert,) = [a for a in first[alerts_t] if a["id"] == ref_id]
+        prefix = f"evidence/{alert['alert_id']}/"
+        stored = _list_keys(s3_client, services.bucket, prefix)
+        assert any(k.endswith("manifest.json") for k in stored)
+
+        (verdict,) = [v for v in first[verdicts_t] if v["id"] == ref_id]
+
+        async def redeliver() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=services.bootstrap)
+            await producer.start()
+            try:
+                await producer.send_and_wait(
+                    verdicts_t, json.dumps(verdict).encode(), key=ref_id.encode()
+                )
+            finally:
+                await producer.stop()
+
+        asyncio.run(redeliver())
+        second = asyncio.run(_collect(services.bootstrap, [alerts_t], alerted(2), 120))
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    again = [a for a in second[alerts_t] if a["id"] == ref_id]
+    assert len(again) == 2
+    assert again[0]["alert_id"] == again[1]["alert_id"]
+    assert again[0]["manifest_sha256"] == again[1]["manifest_sha256"]
+    assert _list_keys(s3_client, services.bucket, prefix) == stored
+    assert [w.returncode for w in workers] == [0, 0, 0]
