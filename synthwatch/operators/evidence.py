@@ -1,6 +1,6 @@
 """Write a forensic evidence bundle for a decided verdict: frames, report, manifest.
 
-Layout under `<prefix>/<alert_id>/`:
+Layout under `<prefix>/<alert_id>/` (or `<alert_id>/` with an empty prefix):
 
 - `<sha256[:16]>_frame_<n>_<t>s.jpg`: the frames that drove the score, face boxes drawn
   with each crop's score;
@@ -91,7 +91,7 @@ def write_bundle(
     `frames` returns decoded images near the driving times; it is called only when the
     bundle does not exist yet, so a redelivered verdict costs no download or decode.
     """
-    base = f"{prefix}/{alert_id}"
+    base = f"{prefix}/{alert_id}" if prefix else alert_id
     manifest_key = f"{base}/manifest.json"
     if store.exists(manifest_key):
         return _existing(store, manifest_key)

@@ -175,12 +175,18 @@ def scan(
     json_fh = _open_json(json_out)
     store = LocalStore(evidence_dir) if evidence_dir else None
 
-    with Engine(settings) as engine, tempfile.TemporaryDirectory(prefix="synthwatch-") as tmp:
-        fetcher = Fetcher(settings.fetch, embedded=True)
+    with (
+        Engine(settings) as engine,
+        Fetcher(settings.fetch, embedded=True) as fetcher,
+        tempfile.TemporaryDirectory(prefix="synthwatch-") as tmp,
+    ):
 
         def one(res: ScanResult) -> ScanResult:
+            downloaded: Path | None = None
             try:
                 fetched = fetcher.fetch(res.source, Path(tmp))
+                if fetched.path.is_relative_to(tmp):
+                    downloaded = fetched.path  # a URL's bytes: ours to delete when done
                 item = Item(
                     id=fetched.sha256[:32],
                     url=fetched.url,
@@ -198,7 +204,7 @@ def scan(
                         analysis.verdict,
                         functools.partial(sampled_evidence, analysis.sampled),
                         store,
-                        evidence_prefix="evidence",
+                        evidence_prefix="",
                         policy=engine.policy,
                     )
                     if decided is not None:
@@ -208,6 +214,11 @@ def scan(
                 res.record = record
             except SynthwatchError as exc:
                 res.error, res.reason = str(exc), exc.reason
+            except Exception as exc:  # a bug must not lose the other items' verdicts
+                res.error, res.reason = f"{type(exc).__name__}: {exc}", "internal"
+            finally:
+                if downloaded is not None:
+                    downloaded.unlink(missing_ok=True)
             return res
 
         with (
@@ -225,7 +236,6 @@ def scan(
                     )
                     json_fh.write(json.dumps(line, sort_keys=True) + "\n")
                     json_fh.flush()
-        fetcher.close()
     if json_fh is not None and json_fh is not sys.stdout:
         json_fh.close()
     _print_table(results, to_stderr=json_out == "-")

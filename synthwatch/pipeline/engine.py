@@ -32,6 +32,7 @@ from synthwatch.schemas import Alert, FaceBox, FrameResult, MediaType, Signal, V
 
 FACE_DETECTOR = "mtcnn"
 CROP_SIZE = 256
+NO_FACE_NOTE = "no face found: the face model scored whole frames, which it was not trained on"
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,14 @@ class Engine:
     def analyze(self, item: Item) -> Analysis:
         """Sample, find faces, score crops (batched with other items), fuse, decide."""
         sampled = sample(item.path, self.settings.sample, media_type=item.media_type)
-        frames, notes = self._score_frames(sampled)
+        frames = self._score_frames(sampled)
         score, segments = fuse.aggregate(frames, sampled.duration_s)
         signals: list[Signal] = []
+        notes: list[str] = []
         if frames:
-            region = frames[0].region
-            note = (
-                "no face found: the face model scored whole frames, which it was not trained on"
-                if region == "frame"
-                else ""
-            )
+            note = NO_FACE_NOTE if frames[0].region == "frame" else ""
+            if note:
+                notes.append(note)
             signals.append(
                 Signal(
                     name=self.face_model,
@@ -155,9 +154,10 @@ class Engine:
         )
         return Analysis(verdict=verdict, sampled=sampled)
 
-    def _score_frames(self, sampled: Sampled) -> tuple[list[FrameResult], list[str]]:
+    def _score_frames(self, sampled: Sampled) -> list[FrameResult]:
+        """Face crops when any sampled frame has a face, else whole frames (region `frame`)."""
         if not sampled.frames:
-            return [], []
+            return []
         images = [f.image for f in sampled.frames]
         detections = self.faces.detect(images)
         per_frame = [
@@ -170,7 +170,6 @@ class Engine:
             )
             for img, dets in zip(images, detections, strict=True)
         ]
-        notes: list[str] = []
         if any(per_frame):
             crops = [c.image for fc in per_frame for c in fc]
             scores = self.batcher.run(to_batch(crops))
@@ -200,8 +199,7 @@ class Engine:
                         faces=boxes,
                     )
                 )
-            return out, notes
-        notes.append("no face found in any sampled frame")
+            return out
         crops = [faces_op.whole_frame_crop(img, size=CROP_SIZE) for img in images]
         scores = self.batcher.run(to_batch(crops))
         return [
@@ -209,7 +207,7 @@ class Engine:
                 index=f.index, time_s=round(f.time_s, 3), score=round(float(v), 6), region="frame"
             )
             for f, v in zip(sampled.frames, scores, strict=True)
-        ], notes
+        ]
 
 
 def build_policy(settings: Settings) -> Policy:

@@ -66,6 +66,10 @@ def test_scan_writes_one_json_line_per_item_and_evidence(
         assert 0.0 <= rec["synthetic_score"] <= 1.0
     assert [r["media_type"] for r in lines] == ["video", "image", "image"]
     assert lines[0]["has_audio"] is True
+    # A picture without a face says so: the face model's score on it is weak evidence.
+    assert lines[1]["faces_found"] == 0
+    assert lines[1]["frames"][0]["region"] == "frame"
+    assert any("no face found" in n for n in lines[1]["notes"])
     # The DeepFake test face from MesoNet's repository is flagged, with evidence.
     face = lines[2]
     assert face["decision"] == "flag"
@@ -193,3 +197,32 @@ def test_an_unwritable_json_path_is_one_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+@pytest.mark.shared
+def test_scan_of_a_url_downloads_hashes_and_scores_it(
+    model_env: dict[str, str], tmp_path: Path
+) -> None:
+    import functools
+    import hashlib
+    import http.server
+
+    served = tmp_path / "www"
+    served.mkdir()
+    image = make_image(served / "p.jpg", width=200, height=160)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/p.jpg"
+    try:
+        # Loopback is refused by default; a trusted deployment names the network it allows.
+        env = {**model_env, "SYNTHWATCH_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]'}
+        proc = _scan([url, "--json", "-"], env)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rec["source"] == url
+    assert rec["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert rec["media_type"] == "image"
