@@ -64,6 +64,11 @@ class S3Store(ObjectStore):
         self._s3 = client
         self.bucket = bucket
 
+    @property
+    def client(self) -> Any:
+        """The boto3 client, for the fetcher's s3:// reads through the same credentials."""
+        return self._s3
+
     def ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
 

@@ -134,7 +134,7 @@ class Pipeline:
     def _wire(self) -> None:
         app, k, role = self.app, self.settings.kafka, self.role
         if role in ("fetch", "all"):
-            self.fetcher = Fetcher(self.settings.fetch, embedded=False, s3_client=self.store._s3)
+            self.fetcher = Fetcher(self.settings.fetch, embedded=False, s3_client=self.store.client)
             app.agent(self.refs, name="fetch")(self._stage("fetch", self._fetch))
         if role in ("detect", "all"):
             self.engine = Engine(self.settings)

@@ -137,7 +137,13 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         "text": f"{base}/notes.txt",
         "metadata": "http://169.254.169.254/latest/meta-data/",
         "private": "http://10.0.0.7/a.mp4",
+        "s3": f"s3://{services.bucket}/inputs/{run}/photo.jpg",
     }
+    s3_client.put_object(
+        Bucket=services.bucket,
+        Key=f"inputs/{run}/photo.jpg",
+        Body=(root / "photo.jpg").read_bytes(),
+    )
 
     log_path = root / "worker.log"
     with log_path.open("wb") as log:
@@ -206,6 +212,9 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
             body = s3_client.get_object(Bucket=services.bucket, Key=obj["key"])["Body"].read()
             assert hashlib.sha256(body).hexdigest() == obj["sha256"], obj["key"]
     assert verdicts[ids["clip"]]["has_audio"] is True
+    # The same bytes fetched over s3:// are the same item (same sha256, same blob).
+    assert verdicts[ids["s3"]]["sha256"] == verdicts[ids["photo"]]["sha256"]
+    assert verdicts[ids["s3"]]["blob"] == verdicts[ids["photo"]]["blob"]
 
     assert dlq[ids["broken"]]["reason"] == "corrupt_media"
     assert dlq[ids["broken"]]["stage"] == "detect"
@@ -224,15 +233,15 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         for fam in text_string_to_metric_families(metrics_text)
         for s in fam.samples
     }
-    assert samples[("synthwatch_items_total", (("outcome", "flag"), ("stage", "detect")))] == 2
+    assert samples[("synthwatch_items_total", (("outcome", "flag"), ("stage", "detect")))] == 3
     dlq_key = ("synthwatch_dlq_total", (("reason", "refused_address"), ("stage", "fetch")))
     assert samples[dlq_key] == 2
     assert (
         samples[("synthwatch_dlq_total", (("reason", "corrupt_media"), ("stage", "detect")))] == 1
     )
-    # Two items were scored; their crops may share one batch (that is the batcher's job).
+    # Three items were scored; their crops may share batches (that is the batcher's job).
     assert samples[("synthwatch_batch_size_count", ())] >= 1
-    assert samples[("synthwatch_batch_size_sum", ())] >= 2
+    assert samples[("synthwatch_batch_size_sum", ())] >= 3
     assert samples[("synthwatch_inference_seconds_count", ())] >= 1
 
 
