@@ -4,7 +4,8 @@ VENV ?= .venv
 SHARED ?= ../shared
 BIN := $(VENV)/bin
 SCAN_MEDIA ?= $(SHARED)/media/dev/fake/df00204.jpg $(SHARED)/media/dev/real/real00240.jpg \
-	$(SHARED)/media/dev/fake/sadtalker_generated_crop.gif $(SHARED)/media/dev/real/liveportrait_d11.mp4
+	$(SHARED)/media/dev/fake/sadtalker_generated_crop.gif $(SHARED)/media/dev/real/liveportrait_d11.mp4 \
+	$(SHARED)/media/provenance/c2pa_ai_declared_valid_C.jpg $(SHARED)/media/audio/fake/0ghm5Cqpfwk.mp3
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install scan test lint services-start services-stop schemas lock

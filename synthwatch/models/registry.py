@@ -23,13 +23,25 @@ from typing import BinaryIO, Literal
 import httpx
 from torch import nn
 
+from synthwatch.models.aasist import INPUT_SAMPLES, build_aasist, build_aasist_l
 from synthwatch.models.export import ONNX_OPSET, export_onnx
 from synthwatch.models.keras_h5 import load_keras_weights
 from synthwatch.models.meso import INPUT_SIZE, Meso4, MesoInception4
 from synthwatch.operators.errors import ModelUnavailable
+from synthwatch.train.nets import FINGERPRINT_PATCH, SBI_INPUT_SIZE, FingerprintNet, SbiFaceNet
 
-ModelKind = Literal["face", "face_detector"]
-"""face: scores one face crop; face_detector: finds faces in a frame."""
+ModelKind = Literal["face", "face_detector", "image", "audio"]
+"""face: scores one face crop; face_detector: finds faces in a frame; image: scores a
+whole image from native-resolution patches; audio: scores one window of 16 kHz speech."""
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+"""Weights that are the project's own work (trained with `synthwatch train`) ship inside
+the package, so a machine without any third-party weights still scans."""
+
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.json"
+"""The calibration shipped with synthwatch (`synthwatch calibrate` on the labelled dev
+sets, see docs/EVALUATION.md); bound to exact model versions, so it never applies to
+weights it was not fitted on."""
 
 Builder = Callable[[Sequence[Path]], nn.Module]
 """Builds the torch module from the verified weight files, in the spec's file order."""
@@ -47,8 +59,10 @@ class WeightsFile:
     """Full lowercase hex sha256; the file is refused unless it matches."""
     size: int
     """Exact size in bytes; also the cap when pulling, so a hostile server cannot fill the disk."""
-    url: str
-    """Upstream download URL used by `ModelStore.pull`."""
+    url: str = ""
+    """Upstream download URL used by `ModelStore.pull`; empty for bundled weights."""
+    bundled: bool = False
+    """The file ships inside the package (`BUNDLED_DIR`), not in the model dir."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,8 @@ class ModelSpec:
     source: str
     """Upstream project the weights come from."""
     licence: str
-    input_size: int
-    """Side in pixels of the square input."""
+    input_shape: tuple[int, ...]
+    """Shape of one input, without the batch axis, e.g. (3, 256, 256) or (64600,)."""
     preprocessing: str
     output: str
     """What the output means; every `face` model outputs a synthetic score in [0, 1]."""
@@ -120,10 +134,73 @@ def _meso_spec(name: str, filename: str, sha256: str, size: int, builder: Builde
         files=(WeightsFile(f"mesonet/{filename}", sha256, size, f"{_MESONET_RAW}/{filename}"),),
         source="https://github.com/DariusAf/MesoNet",
         licence="Apache-2.0",
-        input_size=INPUT_SIZE,
+        input_shape=(3, INPUT_SIZE, INPUT_SIZE),
         preprocessing=_MESO_PREPROCESSING,
         output=_MESO_OUTPUT,
         builder=builder,
+    )
+
+
+# AASIST: Jung et al., ICASSP 2022, arXiv:2110.01200; github clovaai/aasist (MIT).
+_AASIST_REV = "a04c986"
+_AASIST_RAW = f"https://raw.githubusercontent.com/clovaai/aasist/{_AASIST_REV}/models/weights"
+
+
+def _aasist_spec(name: str, filename: str, sha256: str, size: int, builder: Builder) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        version="1",
+        kind="audio",
+        files=(WeightsFile(f"aasist/{filename}", sha256, size, f"{_AASIST_RAW}/{filename}"),),
+        source="https://github.com/clovaai/aasist",
+        licence="MIT",
+        input_shape=(INPUT_SAMPLES,),
+        preprocessing="16 kHz mono float32 waveform, 4 s windows of 64,600 samples",
+        output="synthetic (spoof) score in [0,1]: softmax of the two logits, spoof class",
+        builder=builder,
+    )
+
+
+def _own(net: Callable[[], nn.Module]) -> Builder:
+    """Builder for a net synthwatch trained itself (`synthwatch train`): a plain float32
+    state dict, loaded with `weights_only=True` and strictly."""
+
+    def build(paths: Sequence[Path]) -> nn.Module:
+        import torch
+
+        module = net()
+        try:
+            state = torch.load(paths[0], map_location="cpu", weights_only=True)
+            module.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"{paths[0]}: not loadable as {type(module).__name__}: {exc}"
+            ) from exc
+        return module
+
+    return build
+
+
+def _own_spec(
+    name: str,
+    kind: ModelKind,
+    sha256: str,
+    size: int,
+    shape: tuple[int, ...],
+    net: Callable[[], nn.Module],
+    preprocessing: str,
+) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        version="1",
+        kind=kind,
+        files=(WeightsFile(f"{name}.pt", sha256, size, bundled=True),),
+        source=f"synthwatch (trained with `synthwatch train`; model card docs/models/{name}.md)",
+        licence="Apache-2.0",
+        input_shape=shape,
+        preprocessing=preprocessing,
+        output="synthetic score in [0,1] (sigmoid of the net's logit)",
+        builder=_own(net),
     )
 
 
@@ -156,6 +233,40 @@ SPECS: tuple[ModelSpec, ...] = (
         197504,
         _meso_inception4,
     ),
+    _aasist_spec(
+        "aasist",
+        "AASIST.pth",
+        "51d2d9cf0738172f61e2a384ec50a54a55363240f67c971ed55a92435bc1a1c0",
+        1281532,
+        build_aasist,
+    ),
+    _aasist_spec(
+        "aasist_l",
+        "AASIST-L.pth",
+        "814331d088032bb4c3fa61cc014789eadeed464209dd094ab3a2dd6ffbdce27a",
+        426428,
+        build_aasist_l,
+    ),
+    _own_spec(
+        "sbi_face",
+        "face",
+        "69f56120dd2adaf669f3ffd85b2473d99acaf8a036c2c2ba61c528baa5eaf05b",
+        962641,
+        (3, SBI_INPUT_SIZE, SBI_INPUT_SIZE),
+        SbiFaceNet,
+        "RGB face crop (detector box enlarged 1.3x, square, inside the frame), resized to "
+        f"{SBI_INPUT_SIZE}x{SBI_INPUT_SIZE} (bilinear), float32 NCHW in [0, 1]",
+    ),
+    _own_spec(
+        "fingerprint",
+        "image",
+        "a0396751adf5df77c09c8f4d1b1a4e92eb71b0cb8d13a9f6d78b080a0b7f7330",
+        1025314,
+        (3, FINGERPRINT_PATCH, FINGERPRINT_PATCH),
+        FingerprintNet,
+        f"{FINGERPRINT_PATCH}x{FINGERPRINT_PATCH} RGB patches at native resolution (never "
+        "resized), float32 NCHW in [0, 1]; the item score is the mean over patches",
+    ),
     ModelSpec(
         name="mtcnn",
         version="1",
@@ -182,7 +293,7 @@ SPECS: tuple[ModelSpec, ...] = (
         ),
         source="https://github.com/timesler/facenet-pytorch (PyPI facenet-pytorch 2.6.0)",
         licence="MIT",
-        input_size=12,
+        input_shape=(3, 12, 12),
         preprocessing="RGB frame, float32 (x - 127.5) / 128, image pyramid for P-Net",
         output="face boxes, probabilities and 5 landmarks",
     ),
@@ -254,7 +365,12 @@ class ModelStore:
         spec = self.spec(name)
         paths: builtins.list[Path] = []
         for f in spec.files:
-            path = self.model_dir / f.path
+            path = self.file_path(f)
+            if not path.is_file() and f.bundled:
+                raise ModelUnavailable(
+                    f"{name}: bundled weights missing from the installation: expected {path}; "
+                    "reinstall synthwatch"
+                )
             if not path.is_file():
                 raise ModelUnavailable(
                     f"{name}: weights missing: expected {path}; place the file there with "
@@ -275,7 +391,7 @@ class ModelStore:
         """The state of every registered model's weights, in registry order."""
         out: builtins.list[ModelStatus] = []
         for spec in self._specs.values():
-            paths = tuple(self.model_dir / f.path for f in spec.files)
+            paths = tuple(self.file_path(f) for f in spec.files)
             state: Literal["present", "missing", "mismatch"] = "present"
             for f, path in zip(spec.files, paths, strict=True):
                 if not path.is_file():
@@ -296,6 +412,11 @@ class ModelStore:
         digest = _sha256_file(src)
         for spec in self._specs.values():
             for f in spec.files:
+                if f.sha256 == digest and f.bundled:
+                    raise ModelUnavailable(
+                        f"{src}: these are {spec.name}'s bundled weights, which ship with "
+                        "synthwatch; nothing to import"
+                    )
                 if f.sha256 == digest:
                     with src.open("rb") as fh:
                         self._install(f, spec.name, _read_chunks(fh))
@@ -319,9 +440,14 @@ class ModelStore:
         http = client or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
         try:
             for f in spec.files:
-                path = self.model_dir / f.path
+                path = self.file_path(f)
                 if path.is_file() and self._sha256_cached(path) == f.sha256:
                     continue
+                if f.bundled or not f.url:
+                    raise ModelUnavailable(
+                        f"{name}: {f.path} ships with synthwatch and cannot be pulled; "
+                        "reinstall synthwatch"
+                    )
                 try:
                     with http.stream("GET", f.url, follow_redirects=True) as resp:
                         if resp.status_code != 200:
@@ -335,6 +461,18 @@ class ModelStore:
             if own_client:
                 http.close()
         return self.resolve(name)
+
+    def file_path(self, f: WeightsFile) -> Path:
+        """Where a weights file lives: inside the package if bundled, else in the model dir."""
+        return (BUNDLED_DIR if f.bundled else self.model_dir) / f.path
+
+    def available(self, name: str) -> bool:
+        """Whether `resolve(name)` would succeed, without raising."""
+        try:
+            self.resolve(name)
+        except ModelUnavailable:
+            return False
+        return True
 
     def load_torch(self, name: str) -> nn.Module:
         """The model as a torch module in eval mode, with verified, converted weights.
@@ -371,11 +509,15 @@ class ModelStore:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            export_onnx(module, tmp, (1, 3, spec.input_size, spec.input_size))
+            export_onnx(module, tmp, (1, *spec.input_shape))
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+    def weights_id(self, name: str) -> str:
+        """sha256 identifying the model's weights (of the file, or of the files' hashes)."""
+        return _weights_id(self.spec(name))
 
     def model_set_version(self, names: Iterable[str]) -> str:
         """A short deterministic id of a set of models (order and duplicates ignored).

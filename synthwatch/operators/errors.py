@@ -81,6 +81,12 @@ class ModelUnavailable(SynthwatchError):
     reason = "model_unavailable"
 
 
+class InvalidInput(SynthwatchError):
+    """A file the user handed over (labels CSV, calibration file) is unusable."""
+
+    reason = "invalid_input"
+
+
 class SchemaInvalid(SynthwatchError):
     """A record on a topic does not decode as the schema it should have."""
 

@@ -4,6 +4,9 @@ Layout under `<prefix>/<alert_id>/` (or `<alert_id>/` with an empty prefix):
 
 - `<sha256[:16]>_frame_<n>_<t>s.jpg`: the frames that drove the score, face boxes drawn
   with each crop's score;
+- `<sha256[:16]>_frame_<n>_<t>s_<what>.png`: beside each frame, the images that explain
+  it: a Grad-CAM heatmap per flagged face or whole frame, forensic maps (error level,
+  residual spectrum) for images;
 - `<sha256[:16]>_report.json`: the verdict with its per-frame timeline and the tool version;
 - `manifest.json`: every object's key, sha256 and size, the media sha256 and the alert id.
 
@@ -36,9 +39,22 @@ REPORT_SCHEMA = "synthwatch.report.v1"
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """An image explaining a frame: saved beside it as `<frame>_<name>.png`."""
+
+    name: str
+    """Short file-name part, e.g. `heatmap_face0`, `ela`."""
+    role: str
+    """Manifest role, e.g. `heatmap`, `forensic_map`."""
+    png: bytes
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class EvidenceFrame:
     time_s: float
     image: npt.NDArray[np.uint8]
+    overlays: tuple[Overlay, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,7 +130,22 @@ def write_bundle(
             continue
         name = f"frame_{n:02d}_{fr.time_s:08.3f}s.jpg"
         digest = put(name, annotate(ev.image, fr), "image/jpeg", "frame", time_s=fr.time_s)
-        frame_refs.append({"name": name, "sha256": digest, "time_s": fr.time_s, "score": fr.score})
+        explained = []
+        for ov in ev.overlays:
+            ov_name = f"{name[:-4]}_{ov.name}.png"
+            ov_digest = put(
+                ov_name, ov.png, "image/png", ov.role, time_s=fr.time_s, explains=name, note=ov.note
+            )
+            explained.append({"name": ov_name, "sha256": ov_digest, "role": ov.role})
+        frame_refs.append(
+            {
+                "name": name,
+                "sha256": digest,
+                "time_s": fr.time_s,
+                "score": fr.score,
+                "explanations": explained,
+            }
+        )
     report = {
         "schema": REPORT_SCHEMA,
         "alert_id": alert_id,

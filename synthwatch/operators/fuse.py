@@ -1,4 +1,18 @@
-"""Fuse per-frame detector scores into one `synthetic_score` and the segments behind it.
+"""Fuse detector scores over time, then signals over models and modalities.
+
+Two steps. `aggregate` turns one model's per-frame (or per-window) scores into an item
+score and the segments behind it. `combine` turns the item's signals into one
+`synthetic_score`: each signal is calibrated (`operators.calibrate`), the log-odds of
+the signals of one modality (face crops, whole-image patches, audio windows, metadata)
+are averaged by weight, since models of one modality see the same pixels and are not
+independent evidence, and the modalities combine as independent evidence: each adds
+its log-likelihood ratio against the calibration's prior (the fraction of fakes it was
+fitted on), naive-Bayes style. A modality whose calibrated score equals the prior
+(an uninformative detector) changes nothing; one that is confident either way moves
+the score, so a cloned voice over a real face still ends high. Signals that decide on
+their own (a valid C2PA manifest declaring synthetic media) override the models; a
+C2PA manifest that fails validation is a finding in itself and lifts the decision to
+at least `review`.
 
 Temporal aggregation is a top-k mean: the mean of the k highest frame scores, with k a
 quarter of the sampled frames (at least one). A face swap often covers only part of a
@@ -13,8 +27,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from synthwatch.schemas import FrameResult, Segment
+from msgspec.structs import replace
+
+from synthwatch.operators.calibrate import Calibration, logit
+from synthwatch.schemas import Decision, FrameResult, Modality, Segment, Signal
+
+FUSED_MODALITIES: tuple[Modality, ...] = ("face", "image", "audio", "metadata")
+NOT_PROBABILITIES = frozenset({"ela", "residual_spectrum"})
+"""Forensic features whose raw value is not a probability: they enter fusion only once
+calibrated (Platt on the raw value); until then they are reported, not fused."""
 
 
 def top_k(n: int, fraction: float = 0.25) -> int:
@@ -34,36 +57,114 @@ def frame_spans(times: Sequence[float], duration_s: float) -> list[tuple[float, 
     return spans
 
 
+@dataclass(frozen=True)
+class Fused:
+    score: float
+    minimum: Decision | None
+    """The lowest decision the signals allow (`review` for a failed C2PA validation)."""
+    decided_by: list[str]
+    """Signals that set the score: the decisive ones, else the top modality's."""
+    scored: bool
+
+
+def calibrate(signals: Sequence[Signal], calibration: Calibration) -> list[Signal]:
+    """Each signal's score from its raw score through its model's calibrator, if fitted.
+
+    Idempotent: the raw score is kept in `raw_score`, and calibrating an already
+    calibrated signal starts again from it, so a verdict can be re-scored under another
+    calibration (`synthwatch eval` does, per cross-validation fold). Decisive signals are
+    never calibrated: they are facts, not scores.
+    """
+    out: list[Signal] = []
+    for sig in signals:
+        raw = sig.score if sig.raw_score is None else sig.raw_score
+        cal = calibration.get(sig.name, sig.model) if not sig.decides else None
+        if cal is None:
+            out.append(replace(sig, score=raw, raw_score=raw, calibrated=False))
+        else:
+            score = round(cal.apply(raw), 6)
+            out.append(replace(sig, score=score, raw_score=raw, calibrated=True))
+    return out
+
+
+def fused(signal: Signal) -> bool:
+    """Whether a signal enters the fused score (rather than only being reported)."""
+    return (
+        signal.weight > 0
+        and signal.modality in FUSED_MODALITIES
+        and (signal.calibrated or signal.name not in NOT_PROBABILITIES)
+    )
+
+
+def combine(signals: Sequence[Signal], *, prior: float = 0.5) -> Fused:
+    """One synthetic score from calibrated signals (see the module docstring).
+
+    `scored` is False when no signal entered fusion and none decided: nothing was
+    measured, and the 0.0 score must not read as evidence of authenticity.
+    """
+    decisive = [s for s in signals if s.decides == "flag"]
+    minimum: Decision | None = "review" if any(s.decides == "review" for s in signals) else None
+    if decisive:
+        return Fused(score=1.0, minimum="flag", decided_by=[s.name for s in decisive], scored=True)
+    base = logit(prior)
+    z, evidence = base, []
+    for modality in FUSED_MODALITIES:
+        members = [s for s in signals if s.modality == modality and fused(s)]
+        if not members:
+            continue
+        total = sum(s.weight for s in members)
+        z_m = sum(logit(s.score) * s.weight for s in members) / total
+        z += z_m - base
+        evidence.append((z_m - base, [s.name for s in members]))
+    if not evidence:
+        names = [s.name for s in signals if s.decides == "review"]
+        return Fused(score=0.0, minimum=minimum, decided_by=names, scored=minimum is not None)
+    strongest = max(evidence, key=lambda e: e[0])[1]
+    score = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return Fused(score=score, minimum=minimum, decided_by=strongest, scored=True)
+
+
 def aggregate(frames: Sequence[FrameResult], duration_s: float) -> tuple[float, list[Segment]]:
     """(synthetic score in [0, 1], segments that drove it, in time order).
 
     No frames means nothing was scored: score 0.0 with no segments; the caller
-    records why (e.g. an audio-only item before audio detectors exist).
+    records why.
     """
-    if not frames:
+    return aggregate_scores([f.time_s for f in frames], [f.score for f in frames], duration_s)
+
+
+def aggregate_scores(
+    times: Sequence[float], scores: Sequence[float], duration_s: float
+) -> tuple[float, list[Segment]]:
+    """Top-k mean of scores observed at `times` (frames, or audio window starts)."""
+    if len(times) != len(scores):
+        raise ValueError("times and scores differ in length")
+    if not scores:
         return 0.0, []
-    ordered = sorted(frames, key=lambda f: f.time_s)
-    k = top_k(len(ordered))
-    chosen = sorted(range(len(ordered)), key=lambda i: ordered[i].score, reverse=True)[:k]
-    score = sum(ordered[i].score for i in chosen) / k
-    spans = frame_spans([f.time_s for f in ordered], duration_s)
+    order = sorted(range(len(times)), key=lambda i: times[i])
+    t = [times[i] for i in order]
+    v = [scores[i] for i in order]
+    k = top_k(len(v))
+    chosen = sorted(range(len(v)), key=lambda i: v[i], reverse=True)[:k]
+    score = sum(v[i] for i in chosen) / k
+    spans = frame_spans(t, duration_s)
     segments: list[Segment] = []
     run: list[int] = []
     for i in sorted(chosen):
         if run and i != run[-1] + 1:
-            segments.append(_segment(ordered, spans, run))
+            segments.append(_segment(v, spans, run))
             run = []
         run.append(i)
     if run:
-        segments.append(_segment(ordered, spans, run))
+        segments.append(_segment(v, spans, run))
     return min(1.0, max(0.0, score)), segments
 
 
 def _segment(
-    frames: Sequence[FrameResult], spans: Sequence[tuple[float, float]], run: Sequence[int]
+    scores: Sequence[float], spans: Sequence[tuple[float, float]], run: Sequence[int]
 ) -> Segment:
     return Segment(
         start_s=round(spans[run[0]][0], 3),
         end_s=round(spans[run[-1]][1], 3),
-        score=max(frames[i].score for i in run),
+        score=max(scores[i] for i in run),
     )

@@ -26,10 +26,12 @@ class Policy:
                 f"got review={self.review_threshold} flag={self.flag_threshold}"
             )
 
-    def decide(self, synthetic_score: float) -> Decision:
-        if synthetic_score >= self.flag_threshold:
+    def decide(self, synthetic_score: float, *, minimum: Decision | None = None) -> Decision:
+        """The decision for a score; never below `minimum` (set by a finding such as a
+        C2PA manifest that fails validation, which a low model score cannot clear)."""
+        if synthetic_score >= self.flag_threshold or minimum == "flag":
             return "flag"
-        if synthetic_score >= self.review_threshold:
+        if synthetic_score >= self.review_threshold or minimum == "review":
             return "review"
         return "pass"
 

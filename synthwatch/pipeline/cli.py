@@ -140,41 +140,25 @@ class ScanResult:
     record: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     reason: str | None = None
+    verdict: Any = None
+    """The Verdict, when the item was analysed."""
 
 
-@app.command()
-@user_errors
-def scan(
-    sources: Annotated[list[str], typer.Argument(help="Files, directories or http(s) URLs.")],
-    json_out: Annotated[
-        str | None,
-        typer.Option("--json", help="Write one JSON object per item to FILE, or - for stdout."),
-    ] = None,
-    evidence_dir: Annotated[
-        Path | None, typer.Option(help="Write evidence bundles for alerting items here.")
-    ] = None,
-    backend: Annotated[
-        str | None, typer.Option(help="auto | onnxruntime | torch | tensorrt")
-    ] = None,
-    frames: Annotated[int | None, typer.Option(help="Frames sampled per video.")] = None,
-    workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
-) -> None:
-    """Scan local files or URLs in this process (no broker) and print the verdicts."""
+def scan_all(
+    settings: Settings,
+    sources: list[str],
+    *,
+    store: Any = None,
+    workers: int = 2,
+    on_result: Callable[[ScanResult], None] = lambda _r: None,
+) -> list[ScanResult]:
+    """Fetch and analyse every source with one engine (crops of concurrent items share
+    batches); with a store, write evidence bundles for alerting items. One item's
+    failure, even a bug, is recorded in its result and never loses the others."""
     from synthwatch.operators.fetch import Fetcher
-    from synthwatch.operators.store import LocalStore
-    from synthwatch.pipeline import logging as sw_logging
     from synthwatch.pipeline.engine import Engine, Item, decide, sampled_evidence
 
-    settings = load_settings(models__backend=backend, sample__frames=frames)
-    sw_logging.configure("WARNING", settings.log_json)
-    items = expand_sources(sources)
-    if not items:
-        err.print("[bold red]error[/]: nothing to scan (no media files found)")
-        raise typer.Exit(2)
-    results: list[ScanResult] = [ScanResult(source=s) for s in items]
-    json_fh = _open_json(json_out)
-    store = LocalStore(evidence_dir) if evidence_dir else None
-
+    results: list[ScanResult] = [ScanResult(source=s) for s in sources]
     with (
         Engine(settings) as engine,
         Fetcher(settings.fetch, embedded=True) as fetcher,
@@ -196,13 +180,15 @@ def scan(
                     media_type=fetched.media_type,
                     path=fetched.path,
                     blob=str(fetched.path),
+                    mime=fetched.mime,
                 )
                 analysis = engine.analyze(item)
+                res.verdict = analysis.verdict
                 record: dict[str, Any] = _verdict_json(analysis.verdict)
                 if store is not None:
                     decided = decide(
                         analysis.verdict,
-                        functools.partial(sampled_evidence, analysis.sampled),
+                        functools.partial(sampled_evidence, engine, analysis, fetched.path),
                         store,
                         evidence_prefix="",
                         policy=engine.policy,
@@ -228,14 +214,51 @@ def scan(
             task = progress.add_task("scanning", total=len(results))
             for res in pool.map(one, results):
                 progress.advance(task)
-                if json_fh is not None:
-                    line = (
-                        res.record
-                        if res.error is None
-                        else {"source": res.source, "error": res.reason, "message": res.error}
-                    )
-                    json_fh.write(json.dumps(line, sort_keys=True) + "\n")
-                    json_fh.flush()
+                on_result(res)
+    return results
+
+
+@app.command()
+@user_errors
+def scan(
+    sources: Annotated[list[str], typer.Argument(help="Files, directories or http(s) URLs.")],
+    json_out: Annotated[
+        str | None,
+        typer.Option("--json", help="Write one JSON object per item to FILE, or - for stdout."),
+    ] = None,
+    evidence_dir: Annotated[
+        Path | None, typer.Option(help="Write evidence bundles for alerting items here.")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto | onnxruntime | torch | tensorrt")
+    ] = None,
+    frames: Annotated[int | None, typer.Option(help="Frames sampled per video.")] = None,
+    workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
+) -> None:
+    """Scan local files or URLs in this process (no broker) and print the verdicts."""
+    from synthwatch.operators.store import LocalStore
+    from synthwatch.pipeline import logging as sw_logging
+
+    settings = load_settings(models__backend=backend, sample__frames=frames)
+    sw_logging.configure("WARNING", settings.log_json)
+    items = expand_sources(sources)
+    if not items:
+        err.print("[bold red]error[/]: nothing to scan (no media files found)")
+        raise typer.Exit(2)
+    json_fh = _open_json(json_out)
+    store = LocalStore(evidence_dir) if evidence_dir else None
+
+    def write(res: ScanResult) -> None:
+        if json_fh is not None:
+            line = (
+                res.record
+                if res.error is None
+                else {"source": res.source, "error": res.reason, "message": res.error}
+            )
+            json_fh.write(json.dumps(line, sort_keys=True) + "\n")
+            json_fh.flush()
+
+    results = scan_all(settings, items, store=store, workers=workers, on_result=write)
     if json_fh is not None and json_fh is not sys.stdout:
         json_fh.close()
     _print_table(results, to_stderr=json_out == "-")
@@ -400,6 +423,195 @@ def models_import(files: Annotated[list[Path], typer.Argument(help="Weight files
     for f in files:
         spec = store.import_file(f)
         out.print(f"{f}\t-> {spec.name}")
+
+
+def _scan_labelled(
+    settings: Settings, label_files: list[Path], workers: int
+) -> tuple[list[Any], list[str]]:
+    """Scan every item of the label files; (scored items, `name (sha256)` of each file)."""
+    from synthwatch.pipeline import evaluate as ev
+    from synthwatch.pipeline import logging as sw_logging
+
+    sw_logging.configure("WARNING", settings.log_json)
+    labelled = [item for f in label_files for item in ev.read_labels(f)]
+    results = scan_all(settings, [str(i.path) for i in labelled], workers=workers)
+    scored = [
+        ev.Scored(item=i, verdict=r.verdict, error=r.error or "")
+        for i, r in zip(labelled, results, strict=True)
+    ]
+    for s in scored:
+        if s.verdict is None:
+            err.print(f"[yellow]not scanned[/]: {s.item.rel}: {s.error}", highlight=False)
+    return scored, [ev.file_id(f) for f in label_files]
+
+
+@app.command()
+@user_errors
+def calibrate(
+    labels: Annotated[list[Path], typer.Option("--labels", help="CSV path,label (repeatable).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Calibration file to write.")] = Path(
+        "calibration.json"
+    ),
+    method: Annotated[str, typer.Option(help="platt | isotonic")] = "platt",
+    workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
+) -> None:
+    """Fit a per-model calibration on labelled media and save it.
+
+    Use it with SYNTHWATCH_MODELS__CALIBRATION=FILE. Calibrators are bound to the exact
+    model versions they were fitted on.
+    """
+    from synthwatch.operators import calibrate as cal
+    from synthwatch.pipeline import evaluate as ev
+
+    if method not in ("platt", "isotonic"):
+        raise typer.BadParameter("--method must be platt or isotonic")
+    # Fit on the models' own scores: a calibration already in use must not shape its
+    # successor, so scan with none.
+    empty = Path(tempfile.mkdtemp(prefix="synthwatch-cal-")) / "none.json"
+    cal.save(cal.EMPTY, empty)
+    settings = load_settings(models__calibration=empty)
+    scored, fitted_on = _scan_labelled(settings, labels, workers)
+    fitted = ev.fit_calibration(
+        scored,
+        method="isotonic" if method == "isotonic" else "platt",
+        fitted_on=fitted_on,
+        warn=lambda m: err.print(f"[yellow]{m}[/]", highlight=False),
+    )
+    cal.save(fitted, out_path)
+    table = Table(title=f"calibration ({method}) -> {out_path}", title_justify="left")
+    for col in ("signal", "model", "n", "fake", "a", "b"):
+        table.add_column(col)
+    for c in fitted.calibrators:
+        table.add_row(c.signal, c.model, str(c.n), str(c.n_fake), f"{c.a:.3f}", f"{c.b:.3f}")
+    out.print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    labels: Annotated[list[Path], typer.Option("--labels", help="CSV path,label (repeatable).")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write ROC curves here (png/svg/pdf).")] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write the tables as Markdown here.")
+    ] = None,
+    folds: Annotated[
+        int, typer.Option(help="Cross-validation folds for refitted calibration (0: skip).")
+    ] = 5,
+    workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
+) -> None:
+    """Scan labelled media and report AUC, EER, precision/recall/FPR per media type."""
+    from synthwatch.pipeline import evaluate as ev
+    from synthwatch.pipeline.engine import build_policy, load_calibration
+
+    settings = load_settings()
+    scored, fitted_on = _scan_labelled(settings, labels, workers)
+    calibration, _ = load_calibration(settings.models)
+    policy = build_policy(settings)
+    report = ev.report(scored, calibration, policy)
+    report["labels"] = fitted_on
+    report["calibration_fitted_on"] = calibration.fitted_on
+    _print_eval(report, "as configured")
+    if folds > 1:
+        held_out = ev.cross_validate(scored, policy, folds=folds)
+        cv = ev.report(scored, calibration, policy, scores_override=held_out)
+        report["cross_validated"] = {
+            "folds": folds,
+            "overall": cv["overall"],
+            "by_type": cv["by_type"],
+            "items": [
+                {"path": r["path"], "synthetic_score": r["synthetic_score"]}
+                for r in cv["items"]
+                if "error" not in r
+            ],
+        }
+        _print_eval(cv, f"calibration refitted per fold ({folds}-fold cross-validation)")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        err.print(f"report written to {json_path}", highlight=False)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(ev.markdown(report))
+        err.print(f"tables written to {markdown}", highlight=False)
+    if plot is not None:
+        ev.plot_roc(report, plot, ", ".join(f.name for f in labels))
+        err.print(f"ROC curves written to {plot}", highlight=False)
+    if report["errors"]:
+        raise typer.Exit(1)
+
+
+def _print_eval(report: dict[str, Any], title: str) -> None:
+    table = Table(title=f"evaluation: {title}", title_justify="left")
+    for col in ("type", "n", "fake", "AUC", "EER", "thr", "precision", "recall", "FPR"):
+        table.add_column(col, justify="right")
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = [*report["by_type"].items(), ("overall", report["overall"])]
+    for name, m in rows:
+        for key in ("at_review", "at_flag"):
+            t = m[key]
+            table.add_row(
+                name if key == "at_review" else "",
+                str(m["n"]) if key == "at_review" else "",
+                str(m["n_fake"]) if key == "at_review" else "",
+                fmt(m["auc"]) if key == "at_review" else "",
+                fmt(m["eer"]) if key == "at_review" else "",
+                fmt(t["threshold"]),
+                fmt(t["precision"]),
+                fmt(t["recall"]),
+                fmt(t["fpr"]),
+            )
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def train(
+    model: Annotated[str, typer.Argument(help="sbi (face model) | fingerprint (whole-image)")],
+    real: Annotated[
+        list[Path], typer.Option("--real", help="Directory of real images/videos (repeatable).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for <name>.pt and .json.")],
+    seed: Annotated[int, typer.Option(help="Seed; the same seed reproduces the weights.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Override the recipe's step count.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu | cuda (default: cuda when present).")
+    ] = None,
+) -> None:
+    """Train one of synthwatch's own detectors from real media alone.
+
+    sbi: self-blended images from real face crops (faces found with MTCNN when its
+    weights are installed, else the LBP cascade). fingerprint: real photos against
+    copies carrying simulated up-sampling traces. The sample photographs shipped inside
+    scikit-image and scikit-learn are always included.
+    """
+    from synthwatch.models.registry import ModelStore
+    from synthwatch.pipeline import logging as sw_logging
+    from synthwatch.pipeline.engine import load_face_detector
+    from synthwatch.train import train_fingerprint, train_sbi
+
+    if model not in ("sbi", "fingerprint"):
+        raise typer.BadParameter("MODEL must be sbi or fingerprint")
+    settings = load_settings()
+    sw_logging.configure(settings.log_level, settings.log_json)
+    if model == "sbi":
+        detector, detector_name = load_face_detector(
+            ModelStore(settings.model_dir), settings.models
+        )
+        err.print(f"faces found with {detector_name}", highlight=False)
+        report = train_sbi(
+            real, out_dir, face_detector=detector, seed=seed, steps=steps, device=device
+        )
+    else:
+        report = train_fingerprint(real, out_dir, seed=seed, steps=steps, device=device)
+    out.print(
+        f"{report.name}: {report.weights} sha256 {report.weights_sha256} "
+        f"validation AUC {report.val_auc:.4f} in {report.wall_time_s:.0f} s on {report.device}",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -57,8 +57,37 @@ class SampleSettings(_Frozen):
 
 
 class ModelSettings(_Frozen):
-    face_model: str = "meso4_df"
-    """Registry name of the face detector model that scores crops."""
+    face_models: tuple[str, ...] = ("sbi_face",)
+    """Registry names of the models that score face crops (`synthwatch models list`)."""
+    image_models: tuple[str, ...] = ("fingerprint",)
+    """Models that score whole images from native-resolution patches."""
+    audio_models: tuple[str, ...] = ("aasist",)
+    """Models that score 4 s windows of the audio track."""
+    require_all: bool = False
+    """Refuse to start when a listed model's weights are missing. Otherwise such a model is
+    left out (logged at start-up); the model set id, in every verdict, says what ran."""
+    weights: dict[str, float] = {}
+    """Fusion weight per model name inside its modality (default 1.0)."""
+    calibration: Path | None = None
+    """Calibration file from `synthwatch calibrate`; unset: the one shipped with synthwatch."""
+    face_detector: Literal["auto", "mtcnn", "lbp_cascade"] = "auto"
+    """auto: MTCNN when its weights are installed, else the LBP cascade in scikit-image."""
+    image_on_video: bool = False
+    """Also run the whole-image models on video frames (video codecs erase most of the
+    up-sampling traces they look for, so off by default)."""
+    image_patches: int = 8
+    """Native-resolution patches per frame for the whole-image models."""
+    provenance: bool = True
+    """Read C2PA content credentials and generator metadata."""
+    forensics: bool = True
+    """Compute forensic maps (error level, residual spectrum) for still images."""
+    audio_on_video: bool = False
+    """Also run the audio models on video soundtracks. Off by default: AASIST models
+    spoofed speech, and on the dev set's real clips (music and room sound under the
+    speech) it scored 7 of 11 soundtracks above 0.99; on audio-only items it separated
+    real and cloned voices. Calibration fits audio models on audio-only items."""
+    audio_windows: int = 32
+    """At most this many 4 s windows per item, spread over the track."""
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
     max_batch: int = 32
     max_delay_ms: float = 10.0

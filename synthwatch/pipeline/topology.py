@@ -36,12 +36,14 @@ import faust
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from synthwatch.models.registry import ModelStore
 from synthwatch.operators.errors import StorageFailed, SynthwatchError, is_permanent
 from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.store import S3Store, blob_key
 from synthwatch.pipeline import metrics
-from synthwatch.pipeline.engine import Engine, Item, build_policy, decide, evidence_frames
+from synthwatch.pipeline.engine import Engine, Item, build_policy, decide
+from synthwatch.pipeline.explain import Explainer, evidence_frames
 from synthwatch.pipeline.kafka import client_kwargs
 from synthwatch.pipeline.settings import Settings
 from synthwatch.schemas import (
@@ -120,6 +122,7 @@ class Pipeline:
         self.work_dir = Path(tempfile.mkdtemp(prefix="synthwatch-work-", dir=settings.work_dir))
         self.policy = build_policy(settings)
         self.engine: Engine | None = None
+        self.explainer: Explainer | None = None
         self.fetcher: Fetcher | None = None
         self._wire()
 
@@ -142,7 +145,8 @@ class Pipeline:
                 self._stage("detect", self._detect)
             )
         if role in ("decide", "all"):
-            # decide needs no detector: policy, the blob and the verdict's timeline.
+            # decide loads no detector at start: policy, the blob and the verdict's
+            # timeline; the explainer loads a torch module on the first alerting verdict.
             app.agent(self.verdicts, name="decide")(self._stage("decide", self._decide))
         # faust turns a page function into a View's `get`, called as (view, request), so
         # these must be plain functions (closures), not bound methods.
@@ -199,6 +203,7 @@ class Pipeline:
                     media_type=fm.media_type,
                     path=path,
                     blob=fm.blob,
+                    mime=fm.mime,
                 )
             )
         metrics.ITEMS.labels("detect", analysis.verdict.decision).inc()
@@ -209,6 +214,13 @@ class Pipeline:
         )
         return self.verdicts, fm.id.encode(), encode(analysis.verdict)
 
+    def _explainer(self) -> Explainer:
+        if self.engine is not None:
+            return self.engine.explainer
+        if self.explainer is None:
+            self.explainer = Explainer(self.settings, ModelStore(self.settings.model_dir))
+        return self.explainer
+
     def _decide(self, raw: bytes | None) -> tuple[Any, bytes, bytes] | None:
         # media.verdicts -> Verdict -> (alerting decision) evidence to S3 -> Alert
         verdict = decode(raw, Verdict)
@@ -218,7 +230,7 @@ class Pipeline:
 
         def frames() -> list[EvidenceFrame]:
             with self._local_blob(verdict.blob, verdict.sha256) as path:
-                return evidence_frames(verdict, path, self.settings)
+                return evidence_frames(verdict, path, self._explainer())
 
         decided = decide(
             verdict,

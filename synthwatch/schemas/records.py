@@ -16,6 +16,9 @@ from synthwatch.operators.errors import SchemaInvalid
 
 MediaType = Literal["video", "image", "audio"]
 Decision = Literal["flag", "review", "pass"]
+Modality = Literal["face", "image", "audio", "provenance", "metadata"]
+"""What a signal looked at: face crops, whole images (native-resolution patches or
+forensic maps), 4 s audio windows, C2PA content credentials, generator metadata."""
 
 
 class _Record(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
@@ -54,7 +57,9 @@ class FaceBox(msgspec.Struct, frozen=True, kw_only=True):
     y1: float
     confidence: float
     score: float
-    """The detector's synthetic score for this crop."""
+    """The face models' fused synthetic score for this crop."""
+    scores: dict[str, float] = {}
+    """Each face model's raw score for this crop, by signal name."""
 
 
 class FrameResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,9 +84,33 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     """Model name and version, `meso4_df@<sha256 prefix>`."""
     score: float
-    """Aggregated synthetic score in [0, 1]."""
+    """Synthetic score in [0, 1] that entered fusion: calibrated when `calibrated`."""
     weight: float
+    """Weight in its modality's fusion; 0 = reported, not fused (e.g. an uncalibrated
+    forensic feature, which is not a probability)."""
     note: str = ""
+    modality: Modality = "face"
+    raw_score: float | None = None
+    """The signal's own aggregated score before calibration."""
+    calibrated: bool = False
+    decides: Literal["", "flag", "review"] = ""
+    """`flag`: this signal decides the verdict on its own (a valid C2PA manifest that
+    declares generative AI); `review`: the decision is at least `review` (e.g. a C2PA
+    manifest that fails validation)."""
+    segments: list[Segment] = []
+    """The time segments that drove this signal's aggregated score."""
+
+
+class Provenance(msgspec.Struct, frozen=True, kw_only=True):
+    """C2PA content credentials as read offline (no remote manifests, no OCSP)."""
+
+    present: bool
+    valid: bool | None = None
+    signer: str | None = None
+    claim_generator: str | None = None
+    ai_declared: bool = False
+    digital_source_types: list[str] = []
+    errors: list[str] = []
 
 
 class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
@@ -104,6 +133,9 @@ class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
     blob: str
     notes: list[str] = []
     """What a reader must know to interpret the score, e.g. that no face was found."""
+    decided_by: list[str] = []
+    """Names of the signals that set the synthetic score (or decided the verdict)."""
+    provenance: Provenance | None = None
 
 
 class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):

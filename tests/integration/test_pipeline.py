@@ -65,9 +65,15 @@ def _env(services: Services, shared_dir: Path, run: str, port: int) -> dict[str,
             "SYNTHWATCH_S3__BUCKET": services.bucket,
             # Loopback only, so the test's media server is reachable and nothing else is.
             "SYNTHWATCH_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+            # Whole-image model on video frames too, so a generated clip without a face
+            # still has scored frames to draw evidence from.
+            "SYNTHWATCH_MODELS__IMAGE_ON_VIDEO": "true",
             # Flag everything scored, so the evidence path runs on generated media.
             "SYNTHWATCH_POLICY__FLAG_THRESHOLD": "0.0",
             "SYNTHWATCH_POLICY__REVIEW_THRESHOLD": "0.0",
+            # Alert ids hash (media, models, policy version): a version per run keeps a
+            # store left running by an earlier run from answering with its bundles.
+            "SYNTHWATCH_POLICY__VERSION": f"policy-{run}",
             "SYNTHWATCH_SAMPLE__FRAMES": "4",
             "SYNTHWATCH_WEB_PORT": str(port),
             "SYNTHWATCH_LOG_JSON": "true",

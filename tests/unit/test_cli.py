@@ -96,9 +96,15 @@ def test_a_bad_item_is_reported_and_the_others_still_scanned(
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_weights_are_one_clear_line(tmp_path: Path) -> None:
+def test_missing_required_weights_are_one_clear_line(tmp_path: Path) -> None:
     result = runner.invoke(
-        app, ["scan", str(tmp_path / "x.jpg")], env={"SYNTHWATCH_MODEL_DIR": str(tmp_path)}
+        app,
+        ["scan", str(tmp_path / "x.jpg")],
+        env={
+            "SYNTHWATCH_MODEL_DIR": str(tmp_path),
+            "SYNTHWATCH_MODELS__FACE_MODELS": '["sbi_face", "meso4_df"]',
+            "SYNTHWATCH_MODELS__REQUIRE_ALL": "true",
+        },
     )
     assert result.exit_code == 2
     assert "model_unavailable" in result.output
@@ -226,3 +232,57 @@ def test_scan_of_a_url_downloads_hashes_and_scores_it(
     assert rec["source"] == url
     assert rec["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     assert rec["media_type"] == "image"
+
+
+def test_a_fresh_machine_without_third_party_weights_scans_with_our_own_models(
+    tmp_path: Path,
+) -> None:
+    """No ../shared, an empty model dir: faces (LBP cascade + sbi_face) and whole images
+    (fingerprint) still get verdicts; audio says plainly that no audio model ran."""
+    from PIL import Image
+    from skimage import data
+
+    from tests.media_factory import make_audio
+
+    face = tmp_path / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(face, quality=92)
+    photo = make_image(tmp_path / "photo.png", width=320, height=240, fmt="PNG")
+    voice = make_audio(tmp_path / "voice.wav", seconds=2.0)
+    env = {"SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty"), "HOME": str(tmp_path / "home")}
+    proc = _scan([str(face), str(photo), str(voice), "--json", "-"], env)
+    assert proc.returncode == 0, proc.stderr
+    by_source = {r["source"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    astronaut, png, wav = by_source[str(face)], by_source[str(photo)], by_source[str(voice)]
+    assert astronaut["faces_found"] >= 1
+    assert {"sbi_face", "fingerprint"} <= {s["name"] for s in astronaut["signals"]}
+    assert astronaut["frames"][0]["region"] == "faces"
+    assert next(s["name"] for s in png["signals"] if s["modality"] == "image") == "fingerprint"
+    assert png["frames"][0]["region"] == "frame" and "fingerprint" in png["decided_by"]
+    assert wav["media_type"] == "audio" and wav["decision"] == "pass"
+    assert any("no audio model" in n for n in wav["notes"])
+    assert any("not evidence of authenticity" in n for n in wav["notes"])
+
+
+@pytest.mark.shared
+def test_c2pa_fixtures_are_classified_exactly(model_env: dict[str, str], shared_dir: Path) -> None:
+    prov = shared_dir / "media/provenance"
+    files = [
+        prov / "c2pa_ai_declared_valid_C.jpg",
+        prov / "c2pa_tampered_invalid_XCA.jpg",
+        prov / "no_manifest_A.jpg",
+    ]
+    proc = _scan([*map(str, files), "--json", "-"], model_env)
+    assert proc.returncode == 0, proc.stderr
+    ai, tampered, plain = (json.loads(line) for line in proc.stdout.splitlines())
+    # A valid manifest declaring synthetic media decides on its own.
+    assert ai["provenance"]["present"] and ai["provenance"]["valid"]
+    assert ai["decision"] == "flag" and ai["decided_by"] == ["c2pa"]
+    assert ai["synthetic_score"] == 1.0
+    # A manifest that fails validation is a finding: at least review, whatever the models say.
+    assert tampered["provenance"]["present"] and tampered["provenance"]["valid"] is False
+    assert tampered["provenance"]["errors"]
+    assert tampered["decision"] in ("review", "flag")
+    assert [s["decides"] for s in tampered["signals"] if s["name"] == "c2pa"] == ["review"]
+    # No manifest: no provenance signal; the models decide.
+    assert plain["provenance"]["present"] is False
+    assert "c2pa" not in {s["name"] for s in plain["signals"]}

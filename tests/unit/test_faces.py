@@ -99,3 +99,22 @@ def test_detector_and_crops_on_the_multiface_clip(shared_dir: Path) -> None:
     crops = crop_faces(frame, detections)
     assert len(crops) >= 5  # observed 6
     assert all(c.image.shape == (256, 256, 3) for c in crops)
+
+
+def test_cascade_fallback_finds_the_astronauts_face_and_nothing_in_a_blank_frame() -> None:
+    from skimage import data
+
+    from synthwatch.operators.faces import CascadeFaceDetector
+
+    astronaut = np.ascontiguousarray(data.astronaut())  # 512x512, one face near (220, 110)
+    big = np.repeat(np.repeat(astronaut, 2, axis=0), 2, axis=1)  # scanned at reduced size
+    blank = np.full((480, 640, 3), 128, dtype=np.uint8)
+    found, found_big, none = CascadeFaceDetector().detect([astronaut, big, blank])
+    assert none == []
+    for dets, k in ((found, 1), (found_big, 2)):
+        assert len(dets) >= 1
+        d = dets[0]
+        cx, cy = (d.x0 + d.x1) / 2 / k, (d.y0 + d.y1) / 2 / k
+        assert 170 < cx < 270 and 60 < cy < 160, (cx, cy)
+        crops = crop_faces(astronaut if k == 1 else big, dets[:1], size=128)
+        assert crops[0].image.shape == (128, 128, 3)

@@ -115,7 +115,9 @@ def test_output_is_one_fake_score_per_item() -> None:
 def test_strict_load_has_no_missing_or_unexpected_keys(shared_dir: Path) -> None:
     cases: list[tuple[Meso4 | MesoInception4, str]] = [
         (Meso4(), "Meso4_DF.h5"),
+        (Meso4(), "Meso4_F2F.h5"),
         (MesoInception4(), "MesoInception_DF.h5"),
+        (MesoInception4(), "MesoInception_F2F.h5"),
     ]
     for module, filename in cases:
         state = keras_state_dict(shared_dir / "weights/mesonet" / filename, module.KERAS_LAYERS)
@@ -142,7 +144,9 @@ def test_port_reproduces_reference_scores(shared_dir: Path, name: str) -> None:
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name", ["meso4_df", "mesoinception4_df"])
+@pytest.mark.parametrize(
+    "name", ["meso4_df", "meso4_f2f", "mesoinception4_df", "mesoinception4_f2f"]
+)
 def test_onnx_runtime_matches_torch(shared_dir: Path, tmp_path: Path, name: str) -> None:
     store = ModelStore(shared_dir / "weights", cache_dir=tmp_path)
     model = store.load_torch(name)

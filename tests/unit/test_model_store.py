@@ -41,7 +41,7 @@ def _spec(url: str = "http://127.0.0.1:9/none", builds: list[int] | None = None)
         files=(WeightsFile("fake/model.bin", SHA, len(PAYLOAD), url),),
         source="test",
         licence="test",
-        input_size=8,
+        input_shape=(3, 8, 8),
         preprocessing="none",
         output="synthetic score in [0,1]",
         builder=build,
@@ -258,3 +258,27 @@ def test_builtin_registry_is_consistent() -> None:
 def test_shared_weights_verify_against_registry(shared_dir: Path) -> None:
     store = ModelStore(shared_dir / "weights")
     assert {s.name: s.state for s in store.list()} == {s.name: "present" for s in SPECS}
+
+
+@pytest.mark.parametrize("name", ["sbi_face", "fingerprint"])
+def test_our_own_models_ship_inside_the_package_and_run_without_a_model_dir(
+    tmp_path: Path, name: str
+) -> None:
+    import onnxruntime as ort
+    import torch
+
+    store = ModelStore(tmp_path / "empty", cache_dir=tmp_path / "cache")
+    spec = store.spec(name)
+    assert spec.files[0].bundled and store.available(name)
+    module = store.load_torch(name)
+    batch = torch.rand(3, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(batch).numpy()
+    session = ort.InferenceSession(str(store.onnx_path(name)), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(["score"], {"input": batch.numpy()})
+    assert actual.shape == (3,) and ((actual >= 0) & (actual <= 1)).all()
+    assert abs(actual - expected).max() < 1e-4
+    # Bundled weights are not the model dir's business: nothing to import or pull.
+    with pytest.raises(ModelUnavailable, match="bundled weights, which ship with synthwatch"):
+        store.import_file(store.resolve(name)[0])
+    assert not (tmp_path / "empty").exists()

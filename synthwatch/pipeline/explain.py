@@ -1,0 +1,136 @@
+"""Evidence images that explain a verdict: Grad-CAM per flagged face or frame, forensic maps.
+
+Used where the evidence bundle is written: `synthwatch scan` (from the frames it
+already decoded) and the streaming `decide` stage (which re-decodes the few frames that
+drove the verdict). The torch modules load on first use, so a decide worker that only
+sees passing verdicts never loads a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from torch import nn
+
+from synthwatch.models.mtcnn import Detection
+from synthwatch.models.registry import ModelStore
+from synthwatch.operators import explain as cam
+from synthwatch.operators import faces as faces_op
+from synthwatch.operators import fuse
+from synthwatch.operators.evidence import EvidenceFrame, Overlay, driving_frames
+from synthwatch.operators.sample import frames_at
+from synthwatch.pipeline.settings import Settings
+from synthwatch.pipeline.signals import forensic_overlays
+from synthwatch.schemas import FrameResult, Signal, Verdict
+
+MAX_CAM_SIDE = 512
+"""Whole-frame Grad-CAM runs on the centred native-resolution square of at most this
+side: the whole-image models are fully convolutional and must not see resized pixels."""
+
+
+def _top(signals: Sequence[Signal], modality: str) -> Signal | None:
+    # Only models can be explained by Grad-CAM: forensic features are maps already.
+    members = [
+        s
+        for s in signals
+        if s.modality == modality and fuse.fused(s) and s.name not in fuse.NOT_PROBABILITIES
+    ]
+    return max(members, key=lambda s: s.score, default=None)
+
+
+class Explainer:
+    def __init__(self, settings: Settings, store: ModelStore) -> None:
+        self.settings = settings
+        self.store = store
+        self._modules: dict[str, nn.Module] = {}
+
+    def module(self, name: str) -> nn.Module:
+        if name not in self._modules:
+            self._modules[name] = self.store.load_torch(name)
+        return self._modules[name]
+
+    def overlays(
+        self, verdict: Verdict, frame: FrameResult, image: npt.NDArray[np.uint8]
+    ) -> list[Overlay]:
+        """Grad-CAM of the signal that scored highest in the frame's modality: one per
+        face at or above the review threshold, or one for the whole frame."""
+        review = self.settings.policy.review_threshold
+        out: list[Overlay] = []
+        if frame.region == "faces":
+            sig = _top(verdict.signals, "face")
+            if sig is None:
+                return out
+            size = self.store.spec(sig.name).input_shape[-1]
+            for i, face in enumerate(frame.faces):
+                if face.score < review:
+                    continue
+                det = Detection(face.x0, face.y0, face.x1, face.y1, face.confidence)
+                crops = faces_op.crop_faces(image, [det], scale=1.3, size=size, min_confidence=0)
+                if not crops:
+                    continue
+                crop = crops[0].image
+                batch = crop.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
+                heat = cam.grad_cam(self.module(sig.name), batch)[0]
+                out.append(
+                    Overlay(
+                        name=f"heatmap_face{i}",
+                        role="heatmap",
+                        png=cam.png(cam.overlay(crop, heat)),
+                        note=f"Grad-CAM of {sig.model} on face {i} (crop 1.3x the box)",
+                    )
+                )
+            return out
+        sig = _top(verdict.signals, "image")
+        if sig is None or frame.score < review:
+            return out
+        h, w = image.shape[:2]
+        side = min(h, w, MAX_CAM_SIDE)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        square = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
+        batch = square.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
+        heat = cam.grad_cam(self.module(sig.name), batch)[0]
+        out.append(
+            Overlay(
+                name="heatmap_frame",
+                role="heatmap",
+                png=cam.png(cam.overlay(square, heat)),
+                note=f"Grad-CAM of {sig.model}, centred {side}x{side} square at native resolution",
+            )
+        )
+        return out
+
+    def evidence(
+        self,
+        verdict: Verdict,
+        decoded: Sequence[EvidenceFrame],
+        path: Path | None,
+    ) -> list[EvidenceFrame]:
+        """The decoded driving frames with their explanations attached."""
+        out: list[EvidenceFrame] = []
+        first = True
+        for fr in driving_frames(verdict):
+            ev = min(decoded, key=lambda e: abs(e.time_s - fr.time_s), default=None)
+            if ev is None or abs(ev.time_s - fr.time_s) >= 0.5:
+                continue
+            overlays = self.overlays(verdict, fr, ev.image)
+            if first and verdict.media_type == "image" and self.settings.models.forensics:
+                overlays += forensic_overlays(path, ev.image)
+            first = False
+            out.append(EvidenceFrame(time_s=fr.time_s, image=ev.image, overlays=tuple(overlays)))
+        return out
+
+
+def evidence_frames(verdict: Verdict, path: Path, explainer: Explainer) -> list[EvidenceFrame]:
+    """Re-decode the frames that drove a verdict and explain them: the decide stage
+    receives no pixels, only the media's location and the verdict's timeline."""
+    times = [f.time_s for f in driving_frames(verdict)]
+    if not times:
+        return []
+    decoded = [
+        EvidenceFrame(time_s=f.time_s, image=f.image)
+        for f in frames_at(path, times, explainer.settings.sample)
+    ]
+    return explainer.evidence(verdict, decoded, path)

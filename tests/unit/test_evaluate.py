@@ -1,0 +1,126 @@
+"""`synthwatch eval` arithmetic: labels files, AUC/EER, thresholds, cross-validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthwatch.operators import calibrate as cal
+from synthwatch.operators.errors import InvalidInput
+from synthwatch.operators.policy import Policy
+from synthwatch.pipeline import evaluate as ev
+from synthwatch.schemas import Signal, Verdict
+
+POLICY = Policy(version="p", flag_threshold=0.8, review_threshold=0.5)
+
+
+def verdict(score: float, media_type: str = "image") -> Verdict:
+    return Verdict(
+        id="x",
+        url="file:///x",
+        sha256="ab" * 32,
+        media_type=media_type,  # type: ignore[arg-type]
+        synthetic_score=score,
+        decision="pass",
+        signals=[Signal(name="m", model="m@abc", score=score, weight=1.0, modality="image")],
+        segments=[],
+        frames=[],
+        duration_s=0.0,
+        faces_found=0,
+        has_audio=False,
+        model_set="s",
+        policy_version="p",
+        blob="b",
+    )
+
+
+def scored(scores: list[float], labels: list[int], media_type: str = "image") -> list[ev.Scored]:
+    return [
+        ev.Scored(
+            item=ev.Labelled(path=Path(f"/x/{i}"), rel=f"{i}.jpg", label=y),
+            verdict=verdict(s, media_type),
+        )
+        for i, (s, y) in enumerate(zip(scores, labels, strict=True))
+    ]
+
+
+def test_labels_file_problems_are_listed_together(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\na.jpg,fake\nmissing.jpg,real\na.jpg,maybe\n,real\n")
+    with pytest.raises(InvalidInput) as info:
+        ev.read_labels(csv)
+    msg = str(info.value)
+    assert "missing.jpg: no such file" in msg and "'maybe'" in msg and "empty path" in msg
+    csv.write_text("file,truth\na.jpg,fake\n")
+    with pytest.raises(InvalidInput, match="path,label"):
+        ev.read_labels(csv)
+    csv.write_text("path,label\na.jpg,FAKE\n")
+    [item] = ev.read_labels(csv)
+    assert item.label == 1 and item.path == (tmp_path / "a.jpg").resolve()
+
+
+def test_auc_and_eer_of_known_rankings() -> None:
+    assert ev.auc_eer([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == (1.0, 0.0)
+    auc, eer = ev.auc_eer([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1])
+    assert auc == 0.0 and eer == pytest.approx(1.0)
+    auc, eer = ev.auc_eer([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4])
+    assert auc == pytest.approx(0.75) and eer == pytest.approx(0.5)
+    assert ev.auc_eer([1, 1], [0.3, 0.4]) == (None, None)
+
+
+def test_threshold_counts() -> None:
+    m = ev.at_threshold([0, 0, 0, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.3], 0.5)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 1, 1, 2)
+    assert (
+        m["precision"] == 0.5 and m["recall"] == 0.5 and m["fpr"] == pytest.approx(1 / 3, abs=1e-3)
+    )
+
+
+def test_report_by_type_and_items() -> None:
+    items = scored([0.1, 0.9], [0, 1]) + scored([0.2, 0.7], [0, 1], "audio")
+    items.append(
+        ev.Scored(item=ev.Labelled(Path("/x/z"), "z.mp4", 1), verdict=None, error="corrupt")
+    )
+    rep = ev.report(items, cal.EMPTY, POLICY)
+    assert rep["overall"]["n"] == 4 and rep["errors"] == 1
+    assert set(rep["by_type"]) == {"image", "audio"}
+    assert rep["by_type"]["audio"]["at_review"]["recall"] == 1.0
+    assert {r["path"] for r in rep["items"]} == {"0.jpg", "1.jpg", "z.mp4"}
+    assert rep["items"][0]["decision"] == "pass" and rep["items"][1]["decision"] == "flag"
+
+
+def test_cross_validation_scores_every_item_with_a_calibration_fitted_without_it() -> None:
+    rng = np.random.default_rng(1)
+    labels = [0] * 20 + [1] * 20
+    scores = [
+        float(v) for v in np.concatenate([rng.uniform(0.6, 0.8, 20), rng.uniform(0.75, 0.95, 20)])
+    ]
+    items = scored(scores, labels)
+    held = ev.cross_validate(items, POLICY, folds=4)
+    assert set(held) == {i.item.rel for i in items}
+    full = ev.fit_calibration(items)
+    in_sample = {i.item.rel: ev.rescore(i.verdict, full, POLICY)[0] for i in items if i.verdict}
+    assert held != in_sample  # each fold's calibrator differs from the one fitted on all
+    assert ev.auc_eer(labels, [held[i.item.rel] for i in items])[0] > 0.8
+
+
+def test_audio_models_are_calibrated_on_audio_items_only() -> None:
+    def with_voice(score: float, media_type: str) -> Verdict:
+        v = verdict(0.5, media_type)
+        voice = Signal(name="voice", model="voice@1", score=score, weight=1.0, modality="audio")
+        return Verdict(**{**{f: getattr(v, f) for f in v.__struct_fields__}, "signals": [voice]})
+
+    # Fake videos whose voice is real (a face swap keeps it) must not teach the audio
+    # model that real voices are fake.
+    items = [
+        ev.Scored(ev.Labelled(Path(f"/a/{i}"), f"a{i}", y), with_voice(s, "audio"))
+        for i, (s, y) in enumerate([(0.1, 0), (0.2, 0), (0.8, 1), (0.9, 1)])
+    ] + [
+        ev.Scored(ev.Labelled(Path(f"/v/{i}"), f"v{i}", 1), with_voice(0.05, "video"))
+        for i in range(10)
+    ]
+    c = ev.fit_calibration(items).get("voice", "voice@1")
+    assert c is not None and c.n == 4 and c.apply(0.9) > c.apply(0.1)

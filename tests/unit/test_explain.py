@@ -1,0 +1,77 @@
+"""Grad-CAM: the heatmap lights up where the detector looked, and nowhere when it saw nothing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from synthwatch.operators.explain import grad_cam, last_conv, overlay, png
+
+
+class FindsRed(nn.Module):
+    """A detector whose score rises with pure red pixels, wherever they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 0, 1, 1] = 1.0
+            self.conv.weight[:, 1, 1, 1] = -1.0
+            self.conv.weight[:, 2, 1, 1] = -1.0
+            self.conv.bias.fill_(-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.relu(self.conv(x)).mean(dim=(1, 2, 3)) * 10.0)
+
+
+def red_corner(n: int = 2) -> np.ndarray:
+    batch = np.full((n, 3, 32, 32), 0.5, dtype=np.float32)
+    batch[:, :, :12, :12] = np.array([1.0, 0.0, 0.0], dtype=np.float32).reshape(3, 1, 1)
+    return batch
+
+
+def test_heatmap_is_where_the_evidence_is() -> None:
+    heat = grad_cam(FindsRed(), red_corner())
+    assert heat.shape == (2, 32, 32)
+    assert heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
+    for h in heat:
+        assert h[:10, :10].mean() > 0.8
+        assert h[16:, 16:].max() == 0.0
+
+
+def test_heatmap_is_empty_when_the_score_ignores_the_image() -> None:
+    class Blind(FindsRed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.conv(x).mean(dim=(1, 2, 3)) * 0.0)
+
+    heat = grad_cam(Blind(), red_corner(1))
+    assert not heat.any()
+
+
+def test_module_without_conv_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no Conv2d"):
+        last_conv(nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="batch"):
+        grad_cam(FindsRed(), np.zeros((3, 32, 32), dtype=np.float32))
+
+
+def test_overlay_renders_at_the_image_size_and_leaves_the_model_unchanged() -> None:
+    model = FindsRed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    heat = grad_cam(model, red_corner(1))[0]
+    out = overlay(image, heat)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    changed = np.abs(out.astype(int) - 90).sum(axis=2)
+    assert changed[:20, :20].mean() > 2 * changed[40:, 40:].mean()
+    decoded = Image.open(io.BytesIO(png(out)))
+    assert decoded.size == (64, 64)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
