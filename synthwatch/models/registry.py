@@ -250,7 +250,7 @@ SPECS: tuple[ModelSpec, ...] = (
     _own_spec(
         "sbi_face",
         "face",
-        "69f56120dd2adaf669f3ffd85b2473d99acaf8a036c2c2ba61c528baa5eaf05b",
+        "3ff03b08d96cec01404a06ea66193f059d30b6e72116e805cb5d0bffb6abb7aa",
         962641,
         (3, SBI_INPUT_SIZE, SBI_INPUT_SIZE),
         SbiFaceNet,
@@ -260,7 +260,7 @@ SPECS: tuple[ModelSpec, ...] = (
     _own_spec(
         "fingerprint",
         "image",
-        "a0396751adf5df77c09c8f4d1b1a4e92eb71b0cb8d13a9f6d78b080a0b7f7330",
+        "aa02bf3133dc77920c56f03b716fca271a5d55dc6cde6f6a3f3be2ae60ede208",
         1025314,
         (3, FINGERPRINT_PATCH, FINGERPRINT_PATCH),
         FingerprintNet,

@@ -89,10 +89,12 @@ class Recipe:
 
 
 SBI_RECIPE = Recipe(steps=2500, batch_pairs=16)
-"""About 12 minutes on 2 CPU cores; SBI's paper trained 100 epochs of FF++ on a GPU."""
+"""About 15 minutes on 2 idle CPU cores (24 on the shared machine it was measured on);
+the paper trained EfficientNet-B4 for 100 epochs of FaceForensics++ on a GPU. 1,500 steps
+were too few once every pair was varied (see docs/models/sbi_face.md)."""
 
 FINGERPRINT_RECIPE = Recipe(steps=1500, batch_pairs=32)
-"""About 8 minutes on 2 CPU cores at 64x64 patches."""
+"""About 10 minutes on 2 CPU cores at 64x64 patches."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,10 @@ def train_sbi(
     real = collect_real(
         real_dirs, frames_per_video=frames_per_video, include_bundled=include_bundled
     )
-    faces = detect_faces(real.frames, detector, min_confidence=min_confidence)
+    # MTCNN runs on CPU; a fixed thread count fixes its rounding, so the same boxes and
+    # the same crops come out on every machine.
+    with _deterministic(seed, torch.device("cpu")):
+        faces = detect_faces(real.frames, detector, min_confidence=min_confidence)
     train, val = split_by_source(
         faces,
         group=lambda f: f.group,
