@@ -433,8 +433,8 @@ def test_native_sdk_fetches_nothing_for_ocsp_urls_or_remote_manifests(
         "image/jpeg",
         io.BytesIO(embedded),
         context=c2pa.Context.from_dict({"verify": {"ocsp_fetch": True}}),
-    ):
-        pass
+    ) as control:
+        assert control.json()  # reading with OCSP fetching on is what contacts the server
     with pytest.raises(c2pa.C2paError):
         c2pa.Reader("image/jpeg", io.BytesIO(remote), context=c2pa.Context())
     assert len(server.requests) == 2, "control: the SDK should have asked the server twice"
