@@ -228,12 +228,13 @@ class Engine:
                 raise
             self.skipped[name] = str(exc)
             return
+        max_batch = min(ms.max_batch, ms.audio_max_batch) if kind == "audio" else ms.max_batch
         backend = select_backend(
             ms.backend,
             onnx_path=lambda: self.models.onnx_path(name),
             torch_module=lambda: self.models.load_torch(name),
             threads=ms.threads,
-            max_batch=ms.max_batch,
+            max_batch=max_batch,
             engine_cache_dir=self.models.cache_dir / "tensorrt",
         )
         self.detectors.append(
@@ -246,7 +247,7 @@ class Engine:
                 backend=backend,
                 batcher=Batcher(
                     backend.run,
-                    max_batch=ms.max_batch,
+                    max_batch=max_batch,
                     max_delay_ms=ms.max_delay_ms,
                     on_batch=metrics.observe_batch,
                     name=f"batcher-{name}",

@@ -86,6 +86,10 @@ class ModelSettings(_Frozen):
     spoofed speech, and on the dev set's real clips (music and room sound under the
     speech) it scored 7 of 11 soundtracks above 0.99; on audio-only items it separated
     real and cloned voices. Calibration fits audio models on audio-only items."""
+    audio_max_batch: int = 8
+    """Batch cap for the audio models. AASIST's first encoder blocks hold about 140 MB
+    of activations per 4 s window: measured with ONNX Runtime on CPU, a batch of 8
+    windows peaked at 2.3 GB RSS and a batch of 32 at 6.5 GB."""
     audio_windows: int = 32
     """At most this many 4 s windows per item, spread over the track."""
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"

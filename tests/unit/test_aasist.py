@@ -198,3 +198,22 @@ def test_onnx_runtime_matches_torch_on_upstream_weights(
     probes = _probe_signals()
     batches = [probes[1:], torch.cat([probes, _noise(1, 6)])]
     _assert_onnx_matches(scorer, tmp_path / "model.onnx", batches)
+
+
+@pytest.mark.shared
+def test_engine_caps_audio_batches_to_bound_memory(shared_dir: Path, tmp_path: Path) -> None:
+    # A batch of 32 AASIST windows peaks at 6.5 GB RSS on CPU; the engine caps audio
+    # batches (settings.models.audio_max_batch) while image models keep max_batch.
+    from synthwatch.pipeline.engine import Engine
+    from synthwatch.pipeline.settings import Settings
+
+    settings = Settings(
+        model_dir=shared_dir / "weights",
+        models={"audio_models": ("aasist",), "max_batch": 32, "audio_max_batch": 4},
+    )
+    with Engine(settings, cache_dir=tmp_path) as engine:
+        (audio,) = engine.by_kind("audio")
+        assert audio.batcher.max_batch == 4
+        assert {d.batcher.max_batch for d in engine.by_kind("face")} == {32}
+        scores = audio.score(np.zeros((10, INPUT_SAMPLES), dtype=np.float32))
+        assert scores.shape == (10,) and audio.batcher.stats.recent_sizes[-1] <= 4
