@@ -23,6 +23,7 @@ decides what that means for a verdict:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 from pathlib import Path
 from typing import Literal
@@ -144,70 +145,68 @@ def _is_jpeg(path: Path | None) -> bool:
         return False
 
 
+def forensic_maps(
+    path: Path | None, image: npt.NDArray[np.uint8]
+) -> tuple[forensic.ForensicMap | None, forensic.ForensicMap | None]:
+    """(error level map for a JPEG, residual spectrum), each None where it cannot be
+    computed: a JPEG Pillow cannot re-encode (truncated, huge), an image under 64 px."""
+    ela: forensic.ForensicMap | None = None
+    if _is_jpeg(path):
+        assert path is not None
+        with contextlib.suppress(ValueError):
+            ela = forensic.error_level(path)
+    spec: forensic.ForensicMap | None = None
+    with contextlib.suppress(ValueError):
+        spec = forensic.residual_spectrum(image)
+    return ela, spec
+
+
 def forensic_signals(path: Path, image: npt.NDArray[np.uint8]) -> list[Signal]:
     """Error level (JPEG only) and residual-spectrum features of a still image."""
-    out: list[Signal] = []
-    if _is_jpeg(path):
-        try:
-            ela: forensic.ForensicMap | None = forensic.error_level(path)
-        except ValueError:
-            ela = None  # a JPEG Pillow cannot re-encode (truncated, huge): no ELA feature
-        if ela is not None:
-            out.append(
-                Signal(
-                    name="ela",
-                    model="ela@q90",
-                    score=round(ela.score, 6),
-                    weight=1.0,
-                    modality="image",
-                    note="error level non-uniformity (not a probability until calibrated)",
-                )
-            )
-    try:
-        spec = forensic.residual_spectrum(image)
-    except ValueError:
-        return out  # smaller than the spectrum needs (64 px)
-    out.append(
+    ela, spec = forensic_maps(path, image)
+    found = [
+        ("ela", "ela@q90", ela, "error level non-uniformity"),
+        (
+            "residual_spectrum",
+            "residual_spectrum@1",
+            spec,
+            "periodic peaks in the noise residual's spectrum",
+        ),
+    ]
+    return [
         Signal(
-            name="residual_spectrum",
-            model="residual_spectrum@1",
-            score=round(spec.score, 6),
+            name=name,
+            model=model,
+            score=round(m.score, 6),
             weight=1.0,
             modality="image",
-            note="periodic peaks in the noise residual's spectrum (not a probability until "
-            "calibrated)",
+            note=f"{what} (not a probability until calibrated)",
         )
-    )
-    return out
+        for name, model, m, what in found
+        if m is not None
+    ]
 
 
 def forensic_overlays(path: Path | None, image: npt.NDArray[np.uint8]) -> list[Overlay]:
     """The forensic maps as evidence images for a still image's frame."""
+    ela, spec = forensic_maps(path, image)
     out: list[Overlay] = []
-    if path is not None and _is_jpeg(path):
-        try:
-            ela: forensic.ForensicMap | None = forensic.error_level(path)
-        except ValueError:
-            ela = None
-        if ela is not None:
-            out.append(
-                Overlay(
-                    name="ela",
-                    role="forensic_map",
-                    png=ela.png(),
-                    note=f"error level analysis (re-saved at quality 90), score {ela.score:.3f}",
-                )
+    if ela is not None:
+        out.append(
+            Overlay(
+                name="ela",
+                role="forensic_map",
+                png=ela.png(),
+                note=f"error level analysis (re-saved at quality 90), score {ela.score:.3f}",
             )
-    try:
-        spec = forensic.residual_spectrum(image)
-    except ValueError:
-        return out
-    out.append(
-        Overlay(
-            name="residual_spectrum",
-            role="forensic_map",
-            png=spec.png(),
-            note=f"log spectrum of the noise residual, peak score {spec.score:.3f}",
         )
-    )
+    if spec is not None:
+        out.append(
+            Overlay(
+                name="residual_spectrum",
+                role="forensic_map",
+                png=spec.png(),
+                note=f"log spectrum of the noise residual, peak score {spec.score:.3f}",
+            )
+        )
     return out
