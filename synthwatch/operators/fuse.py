@@ -35,7 +35,7 @@ from synthwatch.operators.calibrate import Calibration, logit
 from synthwatch.schemas import Decision, FrameResult, Modality, Segment, Signal
 
 FUSED_MODALITIES: tuple[Modality, ...] = ("face", "image", "audio", "metadata")
-NOT_PROBABILITIES = frozenset({"ela", "residual_spectrum"})
+NOT_PROBABILITIES = frozenset({"ela", "residual_spectrum", "spectral_grid"})
 """Forensic features whose raw value is not a probability: they enter fusion only once
 calibrated (Platt on the raw value); until then they are reported, not fused."""
 

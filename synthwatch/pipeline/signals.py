@@ -162,7 +162,7 @@ def forensic_maps(
 
 
 def forensic_signals(path: Path, image: npt.NDArray[np.uint8]) -> list[Signal]:
-    """Error level (JPEG only) and residual-spectrum features of a still image."""
+    """Error level (JPEG only), residual-spectrum and lattice-energy features of a still."""
     ela, spec = forensic_maps(path, image)
     found = [
         ("ela", "ela@q90", ela, "error level non-uniformity"),
@@ -173,17 +173,26 @@ def forensic_signals(path: Path, image: npt.NDArray[np.uint8]) -> list[Signal]:
             "periodic peaks in the noise residual's spectrum",
         ),
     ]
+    scored = [(name, model, m.score, what) for name, model, m, what in found if m is not None]
+    if spec is not None:
+        scored.append(
+            (
+                "spectral_grid",
+                "spectral_grid@1",
+                spec.features["grid_energy"],
+                "share of the noise residual's power on the 1/8-period lattice",
+            )
+        )
     return [
         Signal(
             name=name,
             model=model,
-            score=round(m.score, 6),
+            score=round(score, 6),
             weight=1.0,
             modality="image",
             note=f"{what} (not a probability until calibrated)",
         )
-        for name, model, m, what in found
-        if m is not None
+        for name, model, score, what in scored
     ]
 
 

@@ -61,7 +61,7 @@ def test_calibrate_then_eval_reports_per_type_with_json_plot_and_markdown(tmp_pa
     assert proc.returncode == 0, proc.stderr
     cal = json.loads(cal_path.read_text())
     fitted = {c["signal"]: c for c in cal["calibrators"]}
-    assert {"fingerprint", "residual_spectrum"} <= set(fitted)
+    assert {"fingerprint", "residual_spectrum", "spectral_grid"} <= set(fitted)
     assert fitted["fingerprint"]["model"].startswith("fingerprint@")
     assert cal["prior"] == 0.5 and "labels.csv" in cal["fitted_on"][0]
 

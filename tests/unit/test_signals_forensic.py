@@ -64,6 +64,21 @@ def test_jpeg_block_grid_alone_does_not_look_upsampled(name: str) -> None:
     assert compressed < 2.5 < upsampled
 
 
+def test_eightfold_upsampling_puts_the_residual_power_on_the_eighth_lattice() -> None:
+    # A latent-diffusion decoder enlarges by 8; a natural image has no such lattice.
+    natural, upsampled = [], []
+    for name in NATURAL:
+        image = _natural(name)
+        h, w = image.shape[0] // 8 * 8, image.shape[1] // 8 * 8
+        image = image[:h, :w]
+        small = Image.fromarray(image).resize((w // 8, h // 8), Image.Resampling.BOX)
+        enlarged = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+        natural.append(residual_spectrum(image).features["grid_energy"])
+        upsampled.append(residual_spectrum(enlarged).features["grid_energy"])
+    assert np.mean(upsampled) > np.mean(natural) + 1.5
+    assert sum(u > n for u, n in zip(upsampled, natural, strict=True)) >= 5
+
+
 def test_spectrum_shows_bright_dots_at_the_edge_midpoints_only_when_upsampled() -> None:
     natural = _natural("chelsea")
     for image, expect_dots in (
