@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,9 @@ CHUNK_BYTES = 64 * 1024
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Media is already compressed, so we ask for identity; a server that compresses anyway is
-# decoded by httpx, but only one layer of a codec whose per-read expansion is bounded
-# (deflate: ~1000x a 64 KiB read). Stacked encodings ("gzip, gzip") multiply that bound.
+# decoded by `_inflate`, one layer of gzip or deflate. Anything else is refused before the
+# body is read: br and zstd need libraries we do not install, and stacked encodings
+# ("gzip, gzip") carry no media a single layer could not.
 _ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 # S3 error codes that a retry cannot fix.
 _S3_PERMANENT_CODES = frozenset(
@@ -175,6 +177,13 @@ class Fetcher:
         except RefusedAddress as exc:
             # Raised by the guarded backend, which knows the host but not the URL.
             raise RefusedAddress(f"refused {shown}: {exc}") from None
+        except httpx.RemoteProtocolError as exc:
+            if str(exc).startswith("Invalid URL in location header"):
+                # httpx builds the next request of a redirect even when not following it,
+                # and its message quotes the unparseable part, which may be a password
+                # ("Invalid port: 'hunter'"); a malformed Location is the server's doing.
+                raise InvalidRef(f"refused {shown}: it redirects to a malformed URL") from None
+            raise self._http_error(exc, shown, deadline) from None
         except httpx.HTTPError as exc:
             raise self._http_error(exc, shown, deadline) from None
         try:
@@ -198,11 +207,6 @@ class Fetcher:
             )
         if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
             return InvalidRef(f"refused {shown}: malformed URL")
-        if isinstance(exc, httpx.DecodingError):
-            return FetchFailed(
-                f"fetch of {shown} failed: the body does not decode as its Content-Encoding",
-                transient=False,
-            )
         # The exception text comes from the socket layer and names no URL.
         return FetchFailed(f"fetch of {shown} failed: {type(exc).__name__}: {exc}", transient=True)
 
@@ -234,17 +238,22 @@ class Fetcher:
         self, response: httpx.Response, final_url: str, dest_dir: Path, deadline: float
     ) -> Fetched:
         shown = netguard.redact_url(final_url)
+        # Several Content-Encoding lines arrive joined with ", ", as stacked encodings.
         encoding = response.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in _ACCEPTED_ENCODINGS:
             raise FetchFailed(
-                f"fetch of {shown} failed: unsupported Content-Encoding {encoding!r}",
+                f"fetch of {shown} failed: unsupported Content-Encoding {encoding!r} "
+                "(synthwatch asks for identity and decodes only gzip or deflate)",
                 transient=False,
             )
         if encoding in ("", "identity"):
             # Content-Length counts wire bytes, so it only proves "too large" when nothing
             # is decoded; it is never trusted to prove "small enough".
             self._check_declared_size(response.headers.get("Content-Length"), shown)
-        return self._store(response.iter_bytes(), dest_dir, shown, final_url, deadline)
+        # Raw bytes, decoded here: httpx inflates each 64 KiB network read in one call,
+        # which for a deflate bomb is ~64 MiB in memory before any cap can look at it.
+        chunks = _inflate(response.iter_raw(), encoding, shown)
+        return self._store(chunks, dest_dir, shown, final_url, deadline)
 
     # --- s3:// -------------------------------------------------------------------------
 
@@ -427,6 +436,71 @@ class Fetcher:
             )
             raise UnsupportedMedia(f"refused {shown}: {detail}")
         return kind
+
+
+def _inflate(raw: Iterable[bytes], encoding: str, shown: str) -> Iterator[bytes]:
+    """The decoded body: `raw` through one gzip or deflate layer, in pieces of at most
+    CHUNK_BYTES, so a caller that counts the pieces holds O(CHUNK_BYTES) whatever the ratio.
+
+    Raises:
+        FetchFailed: the bytes are not valid for `encoding`, stop before the end of the
+            compressed stream, or go on after it.
+    """
+    if encoding in ("", "identity"):
+        yield from raw
+        return
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding != "deflate" else None
+    head = b""
+    received = False
+    for data in raw:
+        received = True
+        if inflater is None:
+            # RFC 9110 deflate is zlib-wrapped, but servers also send raw deflate; the
+            # two-byte zlib header tells them apart.
+            head += data
+            if len(head) < 2:
+                continue
+            inflater = zlib.decompressobj(zlib.MAX_WBITS if _zlib_header(head) else -zlib.MAX_WBITS)
+            data, head = head, b""
+        yield from _inflate_piece(inflater, data, shown)
+    if not received:
+        return  # an empty body; the sniffer reports it as such
+    if inflater is None or not inflater.eof:
+        # zlib verifies the gzip CRC and length only at the end of the stream; a body
+        # cut before it would otherwise be stored as if it were whole.
+        raise FetchFailed(
+            f"fetch of {shown} failed: the {encoding} body ends before its end-of-stream marker",
+            transient=True,
+        )
+
+
+def _inflate_piece(inflater: zlib._Decompress, data: bytes, shown: str) -> Iterator[bytes]:
+    while True:
+        if inflater.eof:
+            if data or inflater.unused_data:
+                raise FetchFailed(
+                    f"fetch of {shown} failed: bytes follow the end of the compressed body",
+                    transient=False,
+                )
+            return
+        try:
+            out = inflater.decompress(data, CHUNK_BYTES)
+        except zlib.error:
+            raise FetchFailed(
+                f"fetch of {shown} failed: the body does not decode as its Content-Encoding",
+                transient=False,
+            ) from None
+        if out:
+            yield out
+        data = inflater.unconsumed_tail
+        # A full piece may leave output inside zlib even when all input was consumed.
+        if not data and len(out) < CHUNK_BYTES and not inflater.eof:
+            return
+
+
+def _zlib_header(head: bytes) -> bool:
+    """Whether `head` starts with an RFC 1950 header: method 8 and a check multiple of 31."""
+    return head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0
 
 
 def _read_chunks(f: BinaryIO) -> Iterator[bytes]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import re
 import socket
 import time
@@ -99,6 +100,7 @@ _NAT64_WKP = _V6("64:ff9b::/96")
 _NAT64_LOCAL = _V6("64:ff9b:1::/48")
 _6TO4 = _V6("2002::/16")
 _TEREDO = _V6("2001::/32")
+_V4_COMPATIBLE = _V6("::/96")
 
 _DESCRIPTIONS: dict[str, str] = {
     "loopback": "a loopback address",
@@ -135,6 +137,25 @@ def _nat64_local_candidates(ip: ipaddress.IPv6Address) -> Iterator[ipaddress.IPv
     yield ipaddress.IPv4Address(b[9:13])  # /64
 
 
+def _embedded_v4(ip: ipaddress.IPv6Address) -> tuple[str, tuple[ipaddress.IPv4Address, ...]] | None:
+    """The kind of IPv4-embedding address `ip` is and the IPv4 addresses its packets may be
+    translated to (IPv4-mapped, NAT64, 6to4, Teredo), or None for a native IPv6 address."""
+    if ip in _MAPPED:
+        assert ip.ipv4_mapped is not None
+        return "ipv4_mapped", (ip.ipv4_mapped,)
+    if ip in _NAT64_WKP:
+        return "nat64", (ipaddress.IPv4Address(ip.packed[12:16]),)
+    if ip in _NAT64_LOCAL:
+        return "nat64", tuple(_nat64_local_candidates(ip))
+    if ip in _6TO4:
+        assert ip.sixtofour is not None
+        return "6to4", (ip.sixtofour,)
+    if ip in _TEREDO:
+        assert ip.teredo is not None
+        return "teredo", ip.teredo
+    return None
+
+
 def classify(ip: IPAddress) -> str | None:
     """Why `ip` must not be contacted (a short reason such as `loopback`), or None if public.
 
@@ -153,31 +174,38 @@ def classify(ip: IPAddress) -> str | None:
     if ip.scope_id:
         # A zone id only makes sense for link-local destinations.
         return "link_local"
-    if ip in _MAPPED:
-        assert ip.ipv4_mapped is not None
-        return None if classify(ip.ipv4_mapped) is None else "ipv4_mapped"
-    if ip in _NAT64_WKP:
-        embedded = ipaddress.IPv4Address(ip.packed[12:16])
-        return None if classify(embedded) is None else "nat64"
-    if ip in _NAT64_LOCAL:
-        if any(classify(v4) is not None for v4 in _nat64_local_candidates(ip)):
-            return "nat64"
-        return None
-    if ip in _6TO4:
-        assert ip.sixtofour is not None
-        return None if classify(ip.sixtofour) is None else "6to4"
-    if ip in _TEREDO:
-        assert ip.teredo is not None
-        server, client = ip.teredo
-        if classify(server) is not None or classify(client) is not None:
-            return "teredo"
-        return None
+    embedded = _embedded_v4(ip)
+    if embedded is not None:
+        kind, inner = embedded
+        return kind if any(classify(v4) is not None for v4 in inner) else None
     for net6, reason in _V6_RANGES:
         if ip in net6:
             return reason
     if ip.is_reserved or not ip.is_global:
         return "reserved"
     return None
+
+
+def targets_metadata(ip: IPAddress) -> bool:
+    """Whether `ip` is a cloud metadata address or an IPv6 address whose packets reach one.
+
+    `classify` names an embedding address by its form (`ipv4_mapped`, `nat64`), but
+    ::ffff:169.254.169.254 reaches the metadata service over IPv4 from any dual-stack
+    socket, so it must stay refused under `allow_private` exactly as 169.254.169.254 does.
+    Deprecated IPv4-compatible addresses (::a.b.c.d) count too.
+    """
+    if ip in METADATA_ADDRESSES:
+        return True
+    if isinstance(ip, ipaddress.IPv4Address):
+        return False
+    embedded = _embedded_v4(ip)
+    if embedded is not None:
+        inner = embedded[1]
+    elif ip in _V4_COMPATIBLE:
+        inner = (ipaddress.IPv4Address(ip.packed[12:16]),)
+    else:
+        inner = ()
+    return any(v4 in METADATA_ADDRESSES for v4 in inner)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -202,7 +230,7 @@ def is_allowed(
     reason = classify(ip)
     if reason is None:
         return True
-    if reason == "metadata":
+    if reason == "metadata" or targets_metadata(ip):
         return False
     return allow_private or any(ip in net for net in allow_networks if net.version == ip.version)
 
@@ -222,6 +250,11 @@ def refusal_hint(reason: str) -> str:
     if reason == "metadata":
         return "metadata addresses are refused even with SYNTHWATCH_FETCH__ALLOW_PRIVATE=true"
     return ALLOW_PRIVATE_HINT
+
+
+def _hint_for(ip: IPAddress, reason: str) -> str:
+    # An embedded metadata address is not opened by any setting; do not suggest one.
+    return refusal_hint("metadata" if targets_metadata(ip) else reason)
 
 
 # glibc's inet_aton accepts 1-4 parts, each decimal, octal (leading 0) or hex (0x), and
@@ -265,10 +298,19 @@ _SENSITIVE_PARAM = re.compile(
     r"sig|token|key|secret|pass|auth|credential|session|policy|x-amz-|x-goog-|code",
     re.IGNORECASE,
 )
+# "user:pass@" where the password holds an unescaped "/", "?" or "#": a URL parser ends the
+# authority there, so the netloc shows no "@" and the secret would be shown as host, port,
+# path or query. Matched on the raw text, from just after "scheme:" to the first "@".
+_LOOSE_USERINFO = re.compile(r"^(?P<lead>[a-z][a-z0-9+.-]*:[/\\]*)[^/\\?#@]*:[^@]*@", re.I)
 
 
 def redact_url(url: str) -> str:
-    """`url` safe to log or show: no credentials, no signature-like query values, no fragment."""
+    """`url` safe to log or show: no credentials, no signature-like query values, no fragment.
+
+    Errs towards hiding: a URL whose text looks like it carries "user:password@", even a
+    malformed one, loses everything before that "@".
+    """
+    url = _LOOSE_USERINFO.sub(r"\g<lead>***@", url, count=1)
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
@@ -276,16 +318,29 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
-    query = ""
-    if parts.query:
-        pairs = []
-        for item in parts.query.split("&"):
-            name, sep, _value = item.partition("=")
-            if sep and _SENSITIVE_PARAM.search(name):
-                item = f"{name}=REDACTED"
-            pairs.append(item)
-        query = "&".join(pairs)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    # Servers split on ";" as well as "&" and decode names, so `%73ig=` means `sig=`.
+    pieces = re.split(r"([&;])", parts.query)
+    for i, item in enumerate(pieces):
+        name, sep, _value = item.partition("=")
+        if sep and _SENSITIVE_PARAM.search(urllib.parse.unquote_plus(name)):
+            pieces[i] = f"{name}=REDACTED"
+    shown = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "".join(pieces), ""))
+    # When the loose "user:password@" match swallowed the real "?" (an "@" in a query
+    # value: GCS's GoogleAccessId is an e-mail address), the pairs after it sit in what
+    # the parser calls the host or path: redact name=value pairs wherever they are.
+    return _PAIR.sub(_redact_pair, shown)
+
+
+_PAIR = re.compile(r"(?<=[?&;@])(?P<name>[^=&;?#/@\s]+)=(?P<value>[^&;#\s]*)")
+
+
+def _redact_pair(m: re.Match[str]) -> str:
+    name = m.group("name")
+    if m.group("value") == "REDACTED" or not _SENSITIVE_PARAM.search(
+        urllib.parse.unquote_plus(name)
+    ):
+        return m.group(0)
+    return f"{name}=REDACTED"
 
 
 def check_url(
@@ -301,7 +356,10 @@ def check_url(
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise InvalidRef(f"refused {shown}: malformed URL ({exc})") from None
+        # httpx quotes the part it could not parse; with userinfo present that part can be
+        # a piece of the password ("Invalid port: 'hunter'"), so the detail is dropped.
+        detail = "" if "@" in url else f" ({exc})"
+        raise InvalidRef(f"refused {shown}: malformed URL{detail}") from None
     if parsed.scheme not in ("http", "https"):
         raise InvalidRef(
             f"refused {shown}: scheme {parsed.scheme or '(none)'!r} is not fetched; "
@@ -321,7 +379,7 @@ def check_url(
     ):
         reason = classify(ip)
         assert reason is not None
-        raise RefusedAddress(f"refused {shown}: {explain(ip, reason)} ({refusal_hint(reason)})")
+        raise RefusedAddress(f"refused {shown}: {explain(ip, reason)} ({_hint_for(ip, reason)})")
     return parsed
 
 
@@ -390,6 +448,13 @@ class GuardedStream(httpcore.NetworkStream):
 Resolver = typing.Callable[[str, int], list[tuple[Any, ...]]]
 
 
+def _sockaddr_info(ip: IPAddress, port: int) -> tuple[Any, ...]:
+    """A getaddrinfo-shaped entry for an address that needs no resolution."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(ip), port))
+    return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(ip), port, 0, 0))
+
+
 def _system_resolve(host: str, port: int) -> list[tuple[Any, ...]]:
     # Looked up through the module at call time so tests can monkeypatch socket.getaddrinfo.
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
@@ -426,10 +491,17 @@ class GuardedBackend(httpcore.SyncBackend):
         literal = parse_host(host)
         candidates: list[tuple[int, tuple[Any, ...]]] = []
         refused: list[tuple[IPAddress, str]] = []
-        try:
-            infos = self._resolve(host, port)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        if literal is not None:
+            # An IP literal in any spelling is connected to as the address `parse_host`
+            # judged, never handed to the resolver: libc parsers differ on spellings such
+            # as `127.0.0.1.` (glibc asks DNS) or `0x7f.1` (musl), and the check and the
+            # connect must agree on the address.
+            infos = [_sockaddr_info(literal, port)]
+        else:
+            try:
+                infos = self._resolve(host, port)
+            except OSError as exc:
+                raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         for family, _type, _proto, _canon, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):
                 continue
@@ -447,7 +519,7 @@ class GuardedBackend(httpcore.SyncBackend):
                     what = f"{host} resolves to {ip}, {describe(reason)}"
                 else:
                     what = explain(ip, reason)
-                raise RefusedAddress(f"{what} ({refusal_hint(reason)})")
+                raise RefusedAddress(f"{what} ({_hint_for(ip, reason)})")
             raise httpcore.ConnectError(f"{host} has no IPv4 or IPv6 address")
 
         last_error: OSError | None = None
@@ -480,13 +552,48 @@ class GuardedBackend(httpcore.SyncBackend):
         raise RefusedAddress("unix sockets are never fetched from")
 
 
+# httpx logs every request's full URL at INFO and httpcore logs response headers (a
+# redirect's Location included) at DEBUG. A presigned URL's signature is a bearer
+# credential, so whatever level an embedding application turns on, those records carry
+# redacted URLs. The `synthwatch` entry points also keep both loggers at WARNING.
+_TRANSPORT_LOGGERS = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2")
+# A URL with an authority (absolute or "//host"), or any reference with a query: a
+# redirect's Location is often relative ("/b?X-Amz-Signature=...").
+_URL_IN_TEXT = re.compile(
+    r"""(?:[a-z][a-z0-9+.-]*:)?//[^\s'"<>\\]+|[^\s'"<>\\]*\?[^\s'"<>\\]*""", re.IGNORECASE
+)
+
+
+class _RedactUrls(logging.Filter):
+    """Rewrites every URL or query in a transport log record with `redact_url`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _URL_IN_TEXT.search(message):
+            record.msg = _URL_IN_TEXT.sub(lambda m: redact_url(m.group()), message)
+            record.args = ()
+        return True
+
+
+_REDACT_URLS = _RedactUrls()
+
+
+def _redact_transport_logs() -> None:
+    for name in _TRANSPORT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACT_URLS not in logger.filters:
+            logger.addFilter(_REDACT_URLS)
+
+
 def guarded_client(settings: FetchSettings, *, resolver: Resolver | None = None) -> httpx.Client:
     """An httpx client whose every connection goes through `GuardedBackend`.
 
     No environment proxies (a proxy would make the connect-time check judge the proxy,
     not the destination), no automatic redirects (the caller re-checks every hop), no
-    retries inside httpcore (the pipeline decides about retries).
+    retries inside httpcore (the pipeline decides about retries), and URLs in httpx's and
+    httpcore's log records redacted.
     """
+    _redact_transport_logs()
     backend = GuardedBackend(
         allow_private=settings.allow_private,
         allow_networks=parse_networks(settings.allow_networks),
