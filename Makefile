@@ -8,7 +8,7 @@ SCAN_MEDIA ?= $(SHARED)/media/dev/fake/df00204.jpg $(SHARED)/media/dev/real/real
 	$(SHARED)/media/provenance/c2pa_ai_declared_valid_C.jpg $(SHARED)/media/audio/fake/0ghm5Cqpfwk.mp3
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install scan test lint services-start services-stop schemas lock
+.PHONY: install scan test reliability lint services-start services-stop schemas lock
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ scan: install
 # the integration fixtures start (scripts/services) when they are not already running.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole fault and hostile-input suites, the slow soak included (CI runs the
+# bounded part through `make test`). The soak's size: SYNTHWATCH_SOAK_REFS (1000).
+reliability: install
+	$(BIN)/python -m pytest tests/faults tests/security -m "slow or not slow" -s
 
 lint: install
 	$(BIN)/ruff check .

@@ -37,7 +37,9 @@ app = typer.Typer(
 models_app = typer.Typer(no_args_is_help=True, help="List, import and pull detector weights.")
 topics_app = typer.Typer(no_args_is_help=True, help="Manage the Kafka topics.")
 app.add_typer(models_app, name="models")
+dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
+app.add_typer(dlq_app, name="dlq")
 
 err = Console(stderr=True)
 out = Console()
@@ -101,6 +103,14 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _shown(source: str) -> str:
+    """A source as output may show it: URLs lose credentials and signatures; local
+    paths are left exactly as the user typed them."""
+    from synthwatch.operators.netguard import redact_url
+
+    return redact_url(source) if "://" in source else source
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with CLI flags layered on top."""
     settings = Settings()
@@ -156,6 +166,7 @@ def scan_all(
     batches); with a store, write evidence bundles for alerting items. One item's
     failure, even a bug, is recorded in its result and never loses the others."""
     from synthwatch.operators.fetch import Fetcher
+    from synthwatch.operators.netguard import redact_url
     from synthwatch.pipeline.engine import Engine, Item, decide, sampled_evidence
 
     results: list[ScanResult] = [ScanResult(source=s) for s in sources]
@@ -173,8 +184,9 @@ def scan_all(
                     downloaded = fetched.path  # a URL's bytes: ours to delete when done
                 item = Item(
                     id=fetched.sha256[:32],
-                    url=fetched.url,
-                    source=res.source,
+                    # Verdicts, reports and the --json output may travel: no signatures.
+                    url=redact_url(fetched.url),
+                    source=_shown(res.source),
                     submitted_at=time.time(),
                     sha256=fetched.sha256,
                     media_type=fetched.media_type,
@@ -253,7 +265,11 @@ def scan(
             line = (
                 res.record
                 if res.error is None
-                else {"source": res.source, "error": res.reason, "message": res.error}
+                else {
+                    "source": _shown(res.source),
+                    "error": res.reason,
+                    "message": res.error,
+                }
             )
             json_fh.write(json.dumps(line, sort_keys=True) + "\n")
             json_fh.flush()
@@ -381,6 +397,62 @@ def topics_create() -> None:
     created = asyncio.run(create_topics(settings))
     for name, was_created in created.items():
         out.print(f"{name}\t{'created' if was_created else 'exists'}")
+
+
+@dlq_app.command("replay")
+@user_errors
+def dlq_replay(
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Only this reason (repeatable), e.g. storage.")
+    ] = None,
+    stage: Annotated[
+        list[str] | None, typer.Option(help="Only this stage (repeatable): fetch, detect, decide.")
+    ] = None,
+    media_id: Annotated[
+        list[str] | None, typer.Option("--id", help="Only this media id (repeatable).")
+    ] = None,
+    since: Annotated[
+        float | None, typer.Option(help="Only records dead-lettered at or after this Unix time.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Replay at most this many.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="List what would be replayed; send nothing.")
+    ] = False,
+) -> None:
+    """Re-submit dead-lettered records to their stage's input topic, after a fix.
+
+    Prints one line per matching record: `replayed|would replay|skipped`, the media id,
+    stage, reason and the DLQ partition:offset it came from.
+    """
+    import asyncio
+
+    from synthwatch.pipeline.kafka import replay_dlq
+
+    settings = load_settings()
+    done = asyncio.run(
+        replay_dlq(
+            settings,
+            reasons=reason or (),
+            stages=stage or (),
+            ids=media_id or (),
+            since=since,
+            limit=limit,
+            dry_run=dry_run,
+        )
+    )
+    sent = 0
+    for r in done:
+        if r.target is None:
+            what = f"skipped ({r.why_not})"
+        else:
+            what = "would replay" if dry_run else "replayed"
+            sent += 1
+        typer.echo(
+            f"{what}\t{r.letter.id or '-'}\t{r.letter.stage}\t{r.letter.reason}"
+            f"\t{r.partition}:{r.offset}\t{r.target or '-'}"
+        )
+    verb = "would replay" if dry_run else "replayed"
+    err.print(f"{verb} {sent} of {len(done)} matching dead letters", highlight=False)
 
 
 @models_app.command("list")

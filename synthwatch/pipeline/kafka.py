@@ -1,4 +1,4 @@
-"""Kafka plumbing outside the faust app: topic creation and producing refs.
+"""Kafka plumbing outside the faust app: topic creation, producing refs, DLQ replay.
 
 Connection settings (SASL, TLS) come from `KafkaSettings`, in one place for aiokafka
 clients and for faust.
@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from synthwatch.operators.errors import SynthwatchError
 from synthwatch.pipeline.settings import KafkaSettings, Settings
-from synthwatch.schemas import MediaRef, encode
+from synthwatch.schemas import DeadLetter, MediaRef, decode, encode
 
 
 class BrokerUnavailable(SynthwatchError):
@@ -43,7 +44,14 @@ def client_kwargs(k: KafkaSettings) -> dict[str, Any]:
 
 
 def topic_names(k: KafkaSettings) -> list[str]:
-    return [k.topic_refs, k.topic_fetched, k.topic_verdicts, k.topic_alerts, k.topic_dlq]
+    return [
+        k.topic_refs,
+        k.topic_fetched,
+        k.topic_verdicts,
+        k.topic_alerts,
+        k.topic_dlq,
+        k.topic_retry,
+    ]
 
 
 async def create_topics(settings: Settings) -> dict[str, bool]:
@@ -96,3 +104,145 @@ async def produce_refs(settings: Settings, refs: Sequence[MediaRef]) -> None:
             await fut
     finally:
         await producer.stop()
+
+
+REPLAY_HEADER = "synthwatch-replayed-from"
+"""Header on a replayed record: `<dlq topic>:<partition>:<offset>` it came from."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One dead letter matched by `replay_dlq`, and where its original went (if sent)."""
+
+    letter: DeadLetter
+    partition: int
+    offset: int
+    target: str | None
+    """Topic the original was (or, in a dry run, would be) sent to; None if not replayable."""
+    why_not: str = ""
+
+
+def stage_input_topics(k: KafkaSettings) -> dict[str, str]:
+    """The topic whose records each stage consumes (and a replay sends back to)."""
+    return {
+        "submit": k.topic_refs,
+        "fetch": k.topic_refs,
+        "detect": k.topic_fetched,
+        "decide": k.topic_verdicts,
+    }
+
+
+async def replay_dlq(
+    settings: Settings,
+    *,
+    reasons: Sequence[str] = (),
+    stages: Sequence[str] = (),
+    ids: Sequence[str] = (),
+    since: float | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+) -> list[Replay]:
+    """Send the originals of matching dead letters back to their stage's input topic.
+
+    Reads the DLQ from its beginning up to the end offsets found at the start (records
+    dead-lettered during the replay are left for the next one), without a consumer
+    group, so a filtered replay never hides the records it skipped from a later one.
+    Filters combine with AND; empty means any. Replaying twice re-submits twice: the
+    pipeline's effects are idempotent (write-once evidence, deterministic alert ids),
+    so the cost is work, not duplicates after dedup by id.
+
+    Raises:
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    k = settings.kafka
+    targets = stage_input_topics(k)
+    # Subscribed without a group: aiokafka then assigns every partition of the topic.
+    consumer = AIOKafkaConsumer(
+        k.topic_dlq,
+        enable_auto_commit=False,
+        group_id=None,
+        auto_offset_reset="earliest",
+        **client_kwargs(k),
+    )
+    producer = (
+        None
+        if dry_run
+        else AIOKafkaProducer(acks="all", enable_idempotence=True, **client_kwargs(k))
+    )
+    try:
+        await consumer.start()
+        if producer is not None:
+            await producer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise BrokerUnavailable(f"cannot reach Kafka at {k.bootstrap_servers}: {exc}") from None
+    out: list[Replay] = []
+    try:
+        tps = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        if not tps:
+            return out
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        pending = {tp for tp in tps if ends[tp] > 0}
+        sends = []
+        while pending and (limit is None or len(out) < limit):
+            batch = await consumer.getmany(*pending, timeout_ms=1000)
+            for tp, messages in batch.items():
+                for m in messages:
+                    if m.offset >= ends[tp]:
+                        pending.discard(tp)
+                        break
+                    if m.offset == ends[tp] - 1:
+                        pending.discard(tp)
+                    try:
+                        letter = decode(m.value, DeadLetter)
+                    except SynthwatchError:
+                        continue  # not ours to replay; a DLQ holds only DeadLetters
+                    if not _matches(letter, reasons, stages, ids, since):
+                        continue
+                    if limit is not None and len(out) >= limit:
+                        break
+                    target = targets.get(letter.stage)
+                    why = "" if target else f"stage {letter.stage!r} has no input topic"
+                    if target and not letter.original:
+                        target, why = None, "no original record kept"
+                    out.append(Replay(letter, tp.partition, m.offset, target, why))
+                    if target and producer is not None:
+                        sends.append(
+                            await producer.send(
+                                target,
+                                value=letter.original.encode(),
+                                key=(letter.id or "").encode() or None,
+                                headers=[
+                                    (
+                                        REPLAY_HEADER,
+                                        f"{k.topic_dlq}:{tp.partition}:{m.offset}".encode(),
+                                    )
+                                ],
+                            )
+                        )
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+        for fut in sends:
+            await fut
+        return out
+    finally:
+        await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+
+
+def _matches(
+    letter: DeadLetter,
+    reasons: Sequence[str],
+    stages: Sequence[str],
+    ids: Sequence[str],
+    since: float | None,
+) -> bool:
+    return (
+        (not reasons or letter.reason in reasons)
+        and (not stages or letter.stage in stages)
+        and (not ids or letter.id in ids)
+        and (since is None or letter.failed_at >= since)
+    )

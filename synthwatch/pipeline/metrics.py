@@ -44,3 +44,15 @@ CONSUMER_LAG = Gauge(
 def observe_batch(size: int, seconds: float) -> None:
     BATCH_SIZE.observe(size)
     INFERENCE_SECONDS.observe(seconds)
+
+
+RETRIED = Counter(
+    "synthwatch_retried_total",
+    "Records sent to the retry topic after a transient failure, by stage and reason.",
+    ["stage", "reason"],
+)
+DEPENDENCY_UP = Gauge(
+    "synthwatch_dependency_up",
+    "1 when the dependency (kafka, s3) answered its last probe, else 0.",
+    ["dependency"],
+)

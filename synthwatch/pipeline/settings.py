@@ -54,6 +54,14 @@ class SampleSettings(_Frozen):
     max_image_frames: int = 2000
     audio: bool = True
     max_audio_s: float = 600.0
+    isolate: bool = True
+    """Decode in a child process (operators/sandbox.py) with the caps below and a hard
+    deadline, so a decoder crash, hang or memory blow-up fails the item, not the worker.
+    Off only to profile the decoder itself."""
+    max_memory_mb: int = 2048
+    """Address-space cap (RLIMIT_AS) of the decoding child, its ~300 MB of libraries
+    included. Measured peaks: 64 frames of 1080p 0.7 GB; a still at `max_pixels` 0.9 GB
+    (PNG) to 1.4 GB (WebP with alpha)."""
 
 
 class ModelSettings(_Frozen):
@@ -121,7 +129,39 @@ class KafkaSettings(_Frozen):
     topic_verdicts: str = "media.verdicts"
     topic_alerts: str = "media.alerts"
     topic_dlq: str = "media.dlq"
+    topic_retry: str = "media.retry"
+    """Records whose stage failed transiently, waiting for another attempt."""
     detect_concurrency: int = 4
+    session_timeout_s: float = 45.0
+    """How long the group waits for a silent member (a killed worker) before handing its
+    partitions to the others: Kafka's default; the broker allows 6 s to 1800 s."""
+    max_poll_interval_s: float = 300.0
+    """Broker-side limit between polls before the consumer is thrown out of its group.
+    Work runs off the event loop, so polling goes on during a slow batch."""
+
+
+class RetrySettings(_Frozen):
+    """Transient failures (HTTP 5xx and timeouts from the media's origin, S3 throttling):
+    a few quick attempts in place, then the retry topic with growing delays, then the
+    DLQ. Permanent failures (bad input, refused address) go to the DLQ at once."""
+
+    inline_attempts: int = 3
+    """Attempts in place, with capped exponential backoff and full jitter."""
+    inline_backoff_s: float = 0.5
+    inline_backoff_max_s: float = 5.0
+    topic_attempts: int = 4
+    """Further attempts through the retry topic before the record is dead-lettered."""
+    topic_backoff_s: float = 10.0
+    """Delay before the first retry-topic attempt; doubles per attempt, full jitter."""
+    topic_backoff_max_s: float = 600.0
+    outage_backoff_max_s: float = 30.0
+    """While our own store is unreachable the stage pauses (it does not burn the record's
+    attempts on our outage) and probes again at most this far apart."""
+
+
+class HealthSettings(_Frozen):
+    stall_s: float = 600.0
+    """Liveness fails when work is pending and no record has finished for this long."""
 
 
 class S3Settings(_Frozen):
@@ -148,6 +188,12 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     kafka: KafkaSettings = KafkaSettings()
     s3: S3Settings = S3Settings()
+    retry: RetrySettings = RetrySettings()
+    health: HealthSettings = HealthSettings()
+    fault_points: tuple[str, ...] = ()
+    """Fault injection for the fault suite (tests/faults), inert when empty: entries
+    `<stage>.<point>=kill` (SIGKILL this process there) or `=sleep:<seconds>`, e.g.
+    `decide.after_evidence=kill`. Never set in production."""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     log_level: str = "INFO"

@@ -1,0 +1,56 @@
+"""The broker and the store go away mid-run and come back: the worker stays up, says
+it is not ready meanwhile, and finishes everything without burning records into the DLQ."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.faults.conftest import PrivateServices, Run
+
+
+def test_broker_stopped_and_restarted_mid_run(
+    run: Run, fault_services: PrivateServices, s3: Any, bucket: str
+) -> None:
+    worker = run.start_worker(faults=("detect.before=sleep:1",))
+    ids = set(run.submit(run.images(6)))
+    run.collect(lambda led: len(led.verdicts) >= 1, timeout=120)
+    fault_services.stop("kafka")
+    try:
+        body = worker.wait_health("ready", 503, timeout=30)
+        assert "kafka" in body.get("down", {}), body
+        live = worker.health("live")
+        assert live is not None and live.status_code == 200, "liveness must not track the broker"
+        time.sleep(5)
+        assert worker.proc.poll() is None, worker.tail()
+    finally:
+        fault_services.start()
+    ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=240, settle=3.0)
+    assert worker.proc.poll() is None, worker.tail()
+    worker.wait_health("ready", 200, timeout=60)
+    run.stop_all()
+    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    assert not ledger.dlq, ledger.dlq
+
+
+def test_store_down_longer_than_the_retry_budget_pauses_then_resumes(
+    run: Run, fault_services: PrivateServices, s3: Any, bucket: str
+) -> None:
+    worker = run.start_worker()
+    fault_services.stop("s3")
+    try:
+        ids = set(run.submit(run.images(3)))
+        body = worker.wait_health("ready", 503, timeout=60)
+        assert "s3" in body.get("down", {}), body
+        worker.wait_event("object store unreachable: stage paused until it answers")
+        time.sleep(8)  # well past the in-place retry budget (3 attempts, < 2 s)
+        assert worker.proc.poll() is None, worker.tail()
+        live = worker.health("live")
+        assert live is not None and live.status_code == 200, "a paused stage is not a stall"
+    finally:
+        fault_services.start()
+    ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=240, settle=3.0)
+    worker.wait_health("ready", 200, timeout=60)
+    run.stop_all()
+    assert not ledger.dlq, "an outage of our own store must not dead-letter the feed"
+    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)

@@ -1,0 +1,82 @@
+"""The small parts the fault suite leans on: fault-point specs, backoff, the watchdog,
+the attempt header."""
+
+from __future__ import annotations
+
+import random
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from synthwatch.pipeline.faults import POINTS, FaultPoints
+from synthwatch.pipeline.topology import ATTEMPT_HEADER, Watchdog, _attempt, backoff
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "decide.after_evidence",  # no action
+        "decide.after_evidenc=kill",  # typo in the point
+        "detect.before=explode",
+        "detect.before=sleep:soon",
+        "detect.before=sleep:-1",
+        "decide.after_alert=sleep:5",  # on the event loop: kill only
+    ],
+)
+def test_a_bad_fault_spec_is_refused_rather_than_arming_nothing(spec: str) -> None:
+    with pytest.raises(ValueError, match="fault point"):
+        FaultPoints([spec])
+
+
+def test_unarmed_points_do_nothing_and_sleep_points_sleep() -> None:
+    assert not FaultPoints().armed
+    for point in POINTS:
+        FaultPoints().hit(point)  # returns: nothing armed
+    armed = FaultPoints(["detect.before=sleep:0.2"])
+    t0 = time.monotonic()
+    armed.hit("detect.before")
+    assert time.monotonic() - t0 >= 0.2
+    armed.hit("decide.after_alert")  # another point: no effect
+
+
+def test_backoff_is_capped_exponential_with_full_jitter() -> None:
+    rng = random.Random(1)
+    draws = [[backoff(n, 0.5, 5.0, rng) for _ in range(2000)] for n in (1, 2, 3, 8)]
+    assert [max(d) for d in draws] == pytest.approx([0.5, 1.0, 2.0, 5.0], rel=0.01)
+    assert all(min(d) < 0.05 * max(d) for d in draws)  # jitter reaches down to ~0
+    # The retry agent derives its delay from (id, attempt): a redelivery waits the same.
+    assert backoff(3, 1.0, 60.0, random.Random("id:3")) == backoff(
+        3, 1.0, 60.0, random.Random("id:3")
+    )
+
+
+def test_watchdog_reports_a_stall_only_while_work_is_pending() -> None:
+    dog = Watchdog(stall_s=0.1)
+    time.sleep(0.15)
+    assert dog.stalled_for() == 0.0  # idle is not stalled
+    dog.started()
+    assert dog.stalled_for() == 0.0
+    time.sleep(0.15)
+    assert dog.stalled_for() > 0.1
+    dog.beat()  # a stage paused on an outage beats on every probe
+    assert dog.stalled_for() == 0.0
+    dog.finished()
+    time.sleep(0.15)
+    assert dog.stalled_for() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (None, 0),
+        ([], 0),
+        ([(ATTEMPT_HEADER, b"3")], 3),
+        ({ATTEMPT_HEADER: b"2"}, 2),
+        ([("other", b"9"), (ATTEMPT_HEADER, b"1")], 1),
+        ([(ATTEMPT_HEADER, b"lots")], 0),  # a foreign producer's header is not trusted
+        ([(ATTEMPT_HEADER, b"-4")], 0),
+    ],
+)
+def test_attempt_header_is_read_defensively(headers: object, expected: int) -> None:
+    assert _attempt(SimpleNamespace(headers=headers)) == expected
