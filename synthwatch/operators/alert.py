@@ -3,12 +3,18 @@
 `alert_id` = sha256(media sha256, model set, policy version), so a redelivered record,
 a retried batch or a second worker produces the same id and downstream systems can
 deduplicate on it.
+
+An alert leaves the system (SIEM, newsroom tools, tickets), so its `url` and `source`
+are shown as a SOC wants them: the same URL without credentials or signature-like query
+values (`X-Amz-Signature`, `sig`, `token`, ...). The media itself is identified by
+`sha256`; a presigned URL's secret part would only let a reader fetch it as the producer.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from synthwatch.pipeline.logging import redact_urls
 from synthwatch.schemas import Alert, Verdict
 
 
@@ -21,8 +27,8 @@ def make_alert(verdict: Verdict, *, evidence_uri: str, manifest_sha256: str) -> 
     return Alert(
         alert_id=alert_id(verdict.sha256, verdict.model_set, verdict.policy_version),
         id=verdict.id,
-        url=verdict.url,
-        source=verdict.source,
+        url=redact_urls(verdict.url),
+        source=redact_urls(verdict.source),
         sha256=verdict.sha256,
         media_type=verdict.media_type,
         synthetic_score=verdict.synthetic_score,

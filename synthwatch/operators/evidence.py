@@ -7,7 +7,8 @@ Layout under `<prefix>/<alert_id>/` (or `<alert_id>/` with an empty prefix):
 - `<sha256[:16]>_frame_<n>_<t>s_<what>.png`: beside each frame, the images that explain
   it: a Grad-CAM heatmap per flagged face or whole frame, forensic maps (error level,
   residual spectrum) for images;
-- `<sha256[:16]>_report.json`: the verdict with its per-frame timeline and the tool version;
+- `<sha256[:16]>_report.json`: the verdict with its per-frame timeline and the tool version
+  (its `url` and `source` redacted as in the alert: no credentials, no URL signatures);
 - `manifest.json`: every object's key, sha256 and size, the media sha256 and the alert id.
 
 Object keys carry their own content hash and the bundle lives under the deterministic
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw
 
 from synthwatch import __version__
 from synthwatch.operators.store import ObjectStore, sha256_bytes
+from synthwatch.pipeline.logging import redact_urls
 from synthwatch.schemas import FrameResult, Verdict, to_builtins
 
 MAX_EVIDENCE_FRAMES = 8
@@ -150,7 +152,11 @@ def write_bundle(
         "schema": REPORT_SCHEMA,
         "alert_id": alert_id,
         "tool": {"name": "synthwatch", "version": __version__},
-        "verdict": to_builtins(verdict),
+        "verdict": {
+            **to_builtins(verdict),
+            "url": redact_urls(verdict.url),
+            "source": redact_urls(verdict.source),
+        },
         "evidence_frames": frame_refs,
     }
     put("report.json", _json(report), "application/json", "report")

@@ -18,12 +18,23 @@ from typing import Any
 
 from synthwatch.operators.errors import InvalidRef, StorageFailed
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}$")
+_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,511}")
 
 
 def check_key(key: str) -> str:
-    """Keys are built by us from hashes and fixed names; refuse anything else outright."""
-    if not _KEY_RE.match(key) or ".." in key.split("/") or "//" in key or key.endswith("/"):
+    """Keys are built by us from hashes and fixed names; refuse anything else outright.
+
+    ASCII letters, digits, `._-/` only, at most 512 characters, no empty, `.` or `..`
+    segment, none longer than a file name may be (255): nothing a filesystem, an HTTP
+    path normaliser or a proxy could read as another name (percent-escapes, backslashes,
+    NUL, newlines, Unicode look-alikes), the same key on S3 and in a local directory.
+
+    Raises:
+        InvalidRef: the key is not one we would have built.
+    """
+    # fullmatch, not `^...$`: `$` also matches before a final newline.
+    segments = key.split("/")
+    if not _KEY_RE.fullmatch(key) or any(s in ("", ".", "..") or len(s) > 255 for s in segments):
         raise InvalidRef(f"refused object key {key[:80]!r}")
     return key
 
@@ -142,7 +153,7 @@ class S3Store(ObjectStore):
         return True
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+        return f"s3://{self.bucket}/{check_key(key)}"
 
 
 class LocalStore(ObjectStore):

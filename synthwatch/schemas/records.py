@@ -8,7 +8,7 @@ older worker reads a newer producer's records; a missing required field is a
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -19,6 +19,14 @@ Decision = Literal["flag", "review", "pass"]
 Modality = Literal["face", "image", "audio", "provenance", "metadata"]
 """What a signal looked at: face crops, whole images (native-resolution patches or
 forensic maps), 4 s audio windows, C2PA content credentials, generator metadata."""
+
+# The length caps are not redundant: a regex `$` also matches before a final newline.
+Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$", max_length=64)]
+"""A lowercase sha256 hex digest. Checked on decode because later stages build local
+paths and object keys from it: a record saying `"../../etc/passwd"` is `SchemaInvalid`,
+never a file name."""
+AlertId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$", max_length=32)]
+"""`alert_id`: 32 lowercase hex characters, the evidence bundle's directory name."""
 
 
 class _Record(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
@@ -42,12 +50,14 @@ class FetchedMedia(_Record, tag="fetched_media.v1", frozen=True, kw_only=True):
     url: str
     source: str = ""
     submitted_at: float = 0.0
-    sha256: str
+    sha256: Sha256
     size: int
     mime: str
     media_type: MediaType
     blob: str
-    """Where the bytes are: an object key in the blob bucket, or a local path in embedded mode."""
+    """Where the bytes are: an object key in the blob bucket, or a local path in embedded mode.
+    Not constrained here (a local path may be anything); the store refuses, before any
+    I/O, every key it would not have built itself (`store.check_key`)."""
 
 
 class FaceBox(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,7 +128,7 @@ class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
     url: str
     source: str = ""
     submitted_at: float = 0.0
-    sha256: str
+    sha256: Sha256
     media_type: MediaType
     synthetic_score: float
     decision: Decision
@@ -139,12 +149,12 @@ class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
 
 
 class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
-    alert_id: str
+    alert_id: AlertId
     """hash(media sha256, model set, policy version): a redelivery yields the same id."""
     id: str
     url: str
     source: str = ""
-    sha256: str
+    sha256: Sha256
     media_type: MediaType
     synthetic_score: float
     decision: Decision
@@ -152,13 +162,13 @@ class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
     policy_version: str
     evidence_uri: str
     """URI of the bundle's `manifest.json`."""
-    manifest_sha256: str
+    manifest_sha256: Sha256
     segments: list[Segment]
 
 
 class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):
     reason: str
-    stage: Literal["fetch", "detect", "decide", "submit"]
+    stage: Literal["fetch", "detect", "decide", "submit", "retry"]
     error: str
     attempt: int = 0
     id: str | None = None
@@ -166,7 +176,13 @@ class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):
     partition: int | None = None
     offset: int | None = None
     original: str = ""
-    """The consumed record as text (undecodable bytes escaped), so it can be replayed."""
+    """The consumed record as text (undecodable bytes escaped), so it can be replayed.
+
+    Kept verbatim, so it may carry what the producer put in the record, e.g. a presigned
+    URL's signature: redacting it would make the record unreplayable. The DLQ topic is
+    therefore as sensitive as `media.refs` (same ACLs, same retention); `original` is
+    never logged, and `error` is the failure's one-line message, in which the operators
+    show URLs only redacted."""
     failed_at: float = 0.0
 
 
