@@ -35,6 +35,7 @@ from typing import Literal
 import av
 import av.error
 import numpy as np
+from av.audio.frame import AudioFrame
 from av.audio.stream import AudioStream
 from av.container import InputContainer
 from av.packet import Packet
@@ -54,6 +55,11 @@ MAX_SIDE = 1920
 a 16 x 8K RGB sample would be 1.6 GB. Evidence images are drawn from these frames."""
 
 AUDIO_RATE = 16000
+
+MAX_FRAME_RATE = 240
+"""Frames per second no real video exceeds (phones' slow-motion capture tops out here).
+With `max_duration_s` it bounds the frames a stream may claim or hold: indexing keeps a
+timestamp per frame, and a crafted sample table can claim billions at no cost in bytes."""
 
 # FFmpeg demuxer names, passed to FFmpeg as `format_whitelist`. Deliberately absent:
 # hls, dash, concat and the playlist/manifest demuxers (they open other files and URLs);
@@ -218,7 +224,7 @@ def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> lis
         if info.media_type != "video":
             raise UnsupportedMedia("no video stream to draw frames from")
         stream = _video_stream(container)
-        index = _index_packets(container, stream, deadline)
+        index = _index_packets(container, stream, settings, deadline)
         decoder = _Decoder(container, stream, index, settings, deadline)
         picks = [index.pts_at(index.to_pts(t)) for t in times_s]
         decoded = {pts: decoder.exact(pts) for pts in sorted(set(picks))}
@@ -346,6 +352,8 @@ def _av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
         rate = video.average_rate or video.guessed_rate
         frame_rate = float(rate) if rate else None
         frame_count = video.frames or None
+        if frame_count is not None and frame_count > _frame_cap(settings):
+            raise LimitExceeded(f"{frame_count} frames over {_frame_cap(settings)}")
     return MediaInfo(
         media_type="video" if video is not None else "audio",
         container=fmt,
@@ -407,9 +415,20 @@ class _Index:
         return min(near, key=lambda k: abs(k - target))
 
 
-def _index_packets(container: InputContainer, stream: VideoStream, deadline: float) -> _Index:
+_PHANTOM_FRAMES = 1000
+"""Frames a sample table may name beyond twice those present (a cut-off download)."""
+
+
+def _frame_cap(settings: SampleSettings) -> int:
+    return math.ceil(settings.max_duration_s * MAX_FRAME_RATE)
+
+
+def _index_packets(
+    container: InputContainer, stream: VideoStream, settings: SampleSettings, deadline: float
+) -> _Index:
     if stream.time_base is None:
         raise CorruptMedia("video stream without a time base")
+    cap = _frame_cap(settings)
     all_pts: list[int] = []
     keyframes: list[int] = []
     end = 0
@@ -419,12 +438,19 @@ def _index_packets(container: InputContainer, stream: VideoStream, deadline: flo
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is None or packet.size == 0:
             continue
+        if len(all_pts) >= cap:
+            raise LimitExceeded(f"more than {cap} frames")
         all_pts.append(ts)
         if packet.is_keyframe:
             keyframes.append(ts)
         end = max(end, ts + (packet.duration or 0))
     if not all_pts:
         raise CorruptMedia("video stream has no frames")
+    # A sample table naming many more frames than the file holds is not a truncated
+    # download (that loses at most what is missing) but a lie, and FFmpeg's seek then
+    # walks every phantom entry, for minutes, in C where no deadline check can reach.
+    if stream.frames > 2 * len(all_pts) + _PHANTOM_FRAMES:
+        raise CorruptMedia(f"container names {stream.frames} frames, holds {len(all_pts)}")
     all_pts.sort()
     end = max(end, all_pts[-1] + 1)
     # A stream whose first packet is not flagged key still decodes from its start.
@@ -600,7 +626,7 @@ def _sample_av(
     duration_s = info.duration_s or 0.0
     if info.media_type == "video":
         stream = _video_stream(container)
-        index = _index_packets(container, stream, deadline)
+        index = _index_packets(container, stream, settings, deadline)
         span_s = index.seconds(index.end - index.pts[0])
         duration_s = info.duration_s or span_s
         if span_s > settings.max_duration_s:
@@ -680,21 +706,33 @@ def _decode_audio(
     if container.streams.video:  # the video pass left the demuxer at the end
         container.seek(0)
     stream.codec_context.thread_count = 1
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
+    resampler: av.AudioResampler | None = None
+    source: tuple[str, str, int] | None = None  # the input the resampler is set up for
     chunks: list[np.ndarray] = []
     total = 0
     for n, packet in enumerate(container.demux(stream)):
         if n % 64 == 0:
             _check_deadline(deadline)
         for frame in packet.decode():
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-                total += out.samples
+            out: list[AudioFrame] = []
+            # A stream can change rate, layout or sample format midway (spliced
+            # broadcasts, concatenated MP3s, hostile files); a resampler takes one input.
+            shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if resampler is None or shape != source:
+                if resampler is not None:
+                    out += resampler.resample(None)
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
+                source = shape
+            out += resampler.resample(frame)
+            for resampled in out:
+                chunks.append(resampled.to_ndarray().reshape(-1))
+                total += resampled.samples
         if total >= limit:
             break
     else:
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
+        if resampler is not None:
+            for resampled in resampler.resample(None):
+                chunks.append(resampled.to_ndarray().reshape(-1))
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(chunks)[:limit].astype(np.float32, copy=False)
@@ -708,8 +746,9 @@ def _check_deadline(deadline: float) -> None:
 # --------------------------------------------------------------------------- Pillow side
 
 
-# What Pillow raises on a broken file: truncation is OSError, a bad header often SyntaxError.
-_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+# What Pillow raises on a broken file: truncation is OSError, a bad header often
+# SyntaxError; the GIF plugin indexes past the end of a truncated block (IndexError).
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
 @contextmanager
@@ -794,12 +833,24 @@ def _image_array(image: Image.Image, orientation: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
-def _animation_timeline(image: Image.Image, deadline: float) -> _Animation:
+def _seek(image: Image.Image, n: int, settings: SampleSettings) -> None:
+    """Go to frame `n` of an animation, refusing a canvas grown past the pixel cap: a
+    GIF frame may lie outside the screen the header declared, and Pillow then enlarges
+    the image (its own bomb check only stops far above our cap)."""
+    image.seek(n)
+    width, height = image.size
+    if width * height > settings.max_pixels:
+        raise LimitExceeded(f"animation frame grows the image to {width}x{height}")
+
+
+def _animation_timeline(
+    image: Image.Image, settings: SampleSettings, deadline: float
+) -> _Animation:
     timeline = _Animation()
     elapsed_ms = 0  # whole milliseconds, so times do not drift by float rounding
     for i in range(_frame_count(image)):
         _check_deadline(deadline)
-        image.seek(i)
+        _seek(image, i, settings)
         duration_ms = round(float(image.info.get("duration") or 0))
         timeline.starts_s.append(elapsed_ms / 1000)
         # Browsers show frames of 10 ms or less for 100 ms; so do we.
@@ -819,13 +870,13 @@ def _sample_image(
             frames = [Frame(0, 0.0, _image_array(image, _orientation(image)))]
             duration_s, strategy = 0.0, "still"
         else:
-            timeline = _animation_timeline(image, deadline)
+            timeline = _animation_timeline(image, settings, deadline)
             targets = _targets(0.0, timeline.duration_s, settings)
             wanted = sorted({_animation_frame(timeline, t) for t in targets})
             frames = []
             for i, n in enumerate(wanted):
                 _check_deadline(deadline)
-                image.seek(n)
+                _seek(image, n, settings)
                 frames.append(Frame(i, timeline.starts_s[n], _image_array(image, 1)))
             duration_s, strategy = timeline.duration_s, "animated"
     return Sampled(
@@ -857,12 +908,12 @@ def _image_frames_at(
     if info.media_type == "image":
         still = _image_array(image, _orientation(image))
         return [Frame(i, 0.0, still) for i in range(len(times_s))]
-    timeline = _animation_timeline(image, deadline)
+    timeline = _animation_timeline(image, settings, deadline)
     wanted = {_animation_frame(timeline, t) for t in times_s}
     arrays: dict[int, np.ndarray] = {}
     for n in sorted(wanted):
         _check_deadline(deadline)
-        image.seek(n)
+        _seek(image, n, settings)
         arrays[n] = _image_array(image, 1)
     picks = [_animation_frame(timeline, t) for t in times_s]
     return [Frame(i, timeline.starts_s[n], arrays[n]) for i, n in enumerate(picks)]

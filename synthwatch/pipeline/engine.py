@@ -24,7 +24,7 @@ from synthwatch.models.registry import DEFAULT_CALIBRATION, ModelKind, ModelStor
 from synthwatch.operators import audio as audio_op
 from synthwatch.operators import calibrate as calibrate_op
 from synthwatch.operators import faces as faces_op
-from synthwatch.operators import fuse
+from synthwatch.operators import fuse, sandbox
 from synthwatch.operators.alert import alert_id, make_alert
 from synthwatch.operators.batcher import Batcher
 from synthwatch.operators.calibrate import Calibration
@@ -33,7 +33,7 @@ from synthwatch.operators.evidence import Bundle, EvidenceFrame, write_bundle
 from synthwatch.operators.faces import FaceFinder
 from synthwatch.operators.infer import InferenceBackend, resolve_backend_name, select_backend
 from synthwatch.operators.policy import Policy
-from synthwatch.operators.sample import Sampled, sample
+from synthwatch.operators.sample import Sampled
 from synthwatch.operators.store import ObjectStore
 from synthwatch.pipeline import metrics
 from synthwatch.pipeline.explain import Explainer
@@ -282,7 +282,7 @@ class Engine:
     def analyze(self, item: Item) -> Analysis:
         """Sample; score faces, whole images and audio; read provenance; fuse; decide."""
         ms = self.settings.models
-        sampled = sample(item.path, self.settings.sample, media_type=item.media_type)
+        sampled = sandbox.sample(item.path, self.settings.sample, media_type=item.media_type)
         signals: list[Signal] = []
         notes: list[str] = []
         provenance: Provenance | None = None

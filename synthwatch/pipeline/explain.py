@@ -19,9 +19,8 @@ from synthwatch.models.mtcnn import Detection
 from synthwatch.models.registry import ModelStore
 from synthwatch.operators import explain as cam
 from synthwatch.operators import faces as faces_op
-from synthwatch.operators import fuse
+from synthwatch.operators import fuse, sandbox
 from synthwatch.operators.evidence import EvidenceFrame, Overlay, driving_frames
-from synthwatch.operators.sample import frames_at
 from synthwatch.pipeline.settings import Settings
 from synthwatch.pipeline.signals import forensic_overlays
 from synthwatch.schemas import FrameResult, Signal, Verdict
@@ -131,6 +130,6 @@ def evidence_frames(verdict: Verdict, path: Path, explainer: Explainer) -> list[
         return []
     decoded = [
         EvidenceFrame(time_s=f.time_s, image=f.image)
-        for f in frames_at(path, times, explainer.settings.sample)
+        for f in sandbox.frames_at(path, times, explainer.settings.sample)
     ]
     return explainer.evidence(verdict, decoded, path)
