@@ -68,3 +68,17 @@ def test_a_worker_joining_and_leaving_mid_run_skips_nothing(run: Run, s3: Any, b
     assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
     # At-least-once across a rebalance: a record is done again at most once.
     assert all(n <= 2 for n in ledger.duplicates().values()), ledger.duplicates()
+
+
+def test_a_worker_without_partitions_says_not_ready(run: Run) -> None:
+    run.partitions = 1
+    first = run.start_worker()
+    spare = run.start_worker(wait=False)  # the group has one partition, held by `first`
+    time.sleep(5)
+    body = spare.wait_health("ready", 503, timeout=60)
+    assert body["partitions"] == 0 and body["ready"] is False, body
+    live = spare.health("live")
+    assert live is not None and live.status_code == 200, "idle is not stalled"
+    # refs, fetched, verdicts and retry: one partition each, all held by `first`.
+    assert first.wait_health("ready", 200)["partitions"] == 4
+    run.stop_all()
