@@ -42,8 +42,18 @@ class InferenceBackend(ABC):
 class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, *, threads: int = 2) -> None:
+    def __init__(self, onnx_path: Path, *, threads: int = 2, rows_per_run: int = 1) -> None:
+        """`rows_per_run`: the most rows one session run gets; a larger batch runs in
+        slices. On 2 CPU cores one row at a time is fastest (1.2-3.3x a whole batch of 32
+        for the shipped image models, benchmarks/bench_inference.py): one image's
+        activations stay in the caches, a batch's do not (Meso-4's first layer alone is
+        2 MB per image); it also cuts AASIST's peak memory at batch 8 from 3.3 to 1.0 GB.
+        0 runs every batch whole."""
         import onnxruntime as ort
+
+        if rows_per_run < 0:
+            raise ValueError("rows_per_run must be >= 0")
+        self.rows_per_run = rows_per_run
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
@@ -59,28 +69,41 @@ class OnnxRuntimeBackend(InferenceBackend):
         self._output = self._session.get_outputs()[0].name
 
     def run(self, batch: Batch) -> Batch:
-        out = self._session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0]
-        return np.asarray(out, dtype=np.float32).reshape(len(batch))
+        step = self.rows_per_run or len(batch)
+        scores = np.empty((len(batch),), dtype=np.float32)
+        for start in range(0, len(batch), step):
+            # Slices of a C-contiguous batch along its first axis are contiguous: no copy.
+            rows = np.ascontiguousarray(batch[start : start + step], dtype=np.float32)
+            out = self._session.run([self._output], {self._input: rows})[0]
+            scores[start : start + len(rows)] = np.asarray(out, dtype=np.float32).reshape(-1)
+        return scores
 
 
 class TorchBackend(InferenceBackend):
     name = "torch"
 
     def __init__(self, module: Any, *, device: str = "cpu", channels_last: bool = False) -> None:
+        """`channels_last`: run image (N, C, H, W) batches in NHWC memory order, which
+        oneDNN's CPU convolutions prefer (1.1-4.8x eager NCHW for the shipped image
+        models on 2 cores, benchmarks/bench_inference.py). Batches of another rank (the
+        audio models' (N, samples)) always run as given."""
         import torch
 
         self._torch = torch
         self._device = torch.device(device)
         self._module = module.to(self._device).eval()
-        self._channels_last = channels_last
-        if channels_last:
-            self._module = self._module.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        # Converted on the first 4-D batch, so a model fed other shapes keeps its layout.
+        self._converted = False
 
     def run(self, batch: Batch) -> Batch:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._device)
-            if self._channels_last:
+            if self.channels_last and x.dim() == 4:
+                if not self._converted:
+                    self._module = self._module.to(memory_format=torch.channels_last)
+                    self._converted = True
                 x = x.contiguous(memory_format=torch.channels_last)
             out = self._module(x)
         return np.asarray(out.float().cpu().numpy(), dtype=np.float32).reshape(len(batch))
@@ -233,5 +256,6 @@ def select_backend(
     if chosen == "tensorrt":
         return TensorRTBackend(onnx_path(), cache_dir=engine_cache_dir, max_batch=max_batch)
     if chosen == "torch":
-        return TorchBackend(torch_module(), device="cuda" if gpu_available() else "cpu")
+        gpu = gpu_available()
+        return TorchBackend(torch_module(), device="cuda" if gpu else "cpu", channels_last=not gpu)
     return OnnxRuntimeBackend(onnx_path(), threads=threads)
