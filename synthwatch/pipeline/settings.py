@@ -43,9 +43,14 @@ class SampleSettings(_Frozen):
     """Frames per video item, spread evenly over the duration."""
     seconds_per_frame: float | None = None
     """If set, one frame every k seconds (capped by max_frames) instead of `frames` per item."""
-    mode: Literal["exact", "keyframes"] = "exact"
+    mode: Literal["exact", "keyframes", "adaptive"] = "exact"
     """exact: seek or decode forward to each target time; keyframes: keyframes only, topped up
-    with exact targets when they are too few (cheaper, approximate)."""
+    with exact targets when they are too few (cheaper, approximate); adaptive: a keyframe for
+    each target that has one of its own within half the target spacing (so every frame still
+    lies in its target's slice of the duration), exact frames for the rest: keyframe-cheap on
+    short GOPs, about exact seek's cost on long ones. Exact stays the default: the detectors'
+    calibration was fitted on exact frames, and keyframes (intra-coded) carry different
+    compression artefacts from the P/B frames most of a video is made of."""
     max_frames: int = 64
     max_pixels: int = 8192 * 8192
     max_streams: int = 16

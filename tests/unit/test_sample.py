@@ -366,3 +366,88 @@ def test_an_image_where_video_was_expected_is_refused_the_other_way_too(
         sample(image, SETTINGS, media_type="audio")
     with pytest.raises(UnsupportedMedia):
         sample(clip("h264_gop25"), SETTINGS, media_type="image")
+
+
+# --------------------------------------------------------------------------- video, adaptive
+
+ADAPTIVE = SampleSettings(frames=8, mode="adaptive")
+
+
+def adaptive_tolerance_s(duration: float, frames: int) -> float:
+    """What adaptive mode promises: half the target spacing, plus the one frame by which
+    the frame shown at a target time may start before it."""
+    return duration / frames / 2 + 1 / FPS
+
+
+@pytest.fixture(scope="module")
+def gop5(media_dir: Path) -> Path:
+    """Keyframes every 0.2 s: closer to each of 8 targets over 2 s than half their spacing."""
+    return mf.make_video(media_dir / "gop5.mp4", seconds=2.0, gop=5, fps=FPS)
+
+
+@pytest.mark.parametrize("name", ["h264_gop25", "h264_gop250", "vp9_gop30", "hevc_gop30"])
+def test_adaptive_mode_returns_as_many_distinct_frames_as_asked_each_near_its_target(
+    clip: Callable[[str], Path], name: str
+) -> None:
+    path = clip(name)
+    result = sample(path, ADAPTIVE)
+    duration = len(full_decode(path)) / FPS
+
+    assert len(result.frames) == ADAPTIVE.frames
+    indices = [mf.read_index(f.image) for f in result.frames]
+    assert indices == sorted(set(indices))
+    for i, frame in enumerate(result.frames):
+        target = duration * (i + 0.5) / ADAPTIVE.frames
+        assert frame.index == i
+        assert abs(frame.time_s - target) <= adaptive_tolerance_s(duration, ADAPTIVE.frames)
+        assert indices[i] == round(frame.time_s * FPS)  # the picture is the one at time_s
+
+
+def test_adaptive_mode_takes_only_keyframes_when_each_target_has_one_close_by(
+    gop5: Path,
+) -> None:
+    result = sample(gop5, ADAPTIVE)
+    assert result.strategy == "keyframes"
+    indices = [mf.read_index(f.image) for f in result.frames]
+    assert len(indices) == 8 and indices == sorted(set(indices))
+    assert all(n % 5 == 0 for n in indices)
+    for i, n in enumerate(indices):
+        target = 2.0 * (i + 0.5) / 8
+        assert abs(n / FPS - target) <= adaptive_tolerance_s(2.0, 8)
+
+
+def test_adaptive_mode_goes_exact_on_a_long_gop(clip: Callable[[str], Path]) -> None:
+    # One keyframe every 10 s of 12 s: at most the keyframe at 10 s serves a target.
+    path = clip("h264_gop250")
+    adaptive = [mf.read_index(f.image) for f in sample(path, ADAPTIVE).frames]
+    exact = [mf.read_index(f.image) for f in sample(path, SETTINGS).frames]
+    assert len(adaptive) == len(exact) == 8
+    assert sum(a != e for a, e in zip(adaptive, exact, strict=True)) <= 1
+    assert set(adaptive) - set(exact) <= {250}
+
+
+def test_adaptive_mode_on_a_clip_shorter_than_the_request_yields_each_frame_once(
+    clip: Callable[[str], Path],
+) -> None:
+    result = sample(clip("h264_short"), SampleSettings(frames=16, mode="adaptive"))
+    assert [mf.read_index(f.image) for f in result.frames] == list(range(10))
+
+
+def test_adaptive_mode_leaves_stills_and_animations_as_they_were(media_dir: Path) -> None:
+    still = mf.make_image(media_dir / "adaptive.png", width=96, height=64, fmt="PNG")
+    anim = mf.make_animated(media_dir / "adaptive.gif", fmt="GIF", frames=20, frame_ms=100)
+    for path in (still, anim):
+        exact, adaptive = sample(path, SETTINGS), sample(path, ADAPTIVE)
+        assert adaptive.strategy == exact.strategy
+        assert [f.time_s for f in adaptive.frames] == [f.time_s for f in exact.frames]
+        for a, e in zip(adaptive.frames, exact.frames, strict=True):
+            assert np.array_equal(a.image, e.image)
+
+
+def test_adaptive_mode_passes_through_the_decoder_sandbox(gop5: Path) -> None:
+    from synthwatch.operators import sandbox
+
+    isolated = sandbox.sample(gop5, ADAPTIVE)
+    in_process = sample(gop5, ADAPTIVE)
+    assert isolated.strategy == in_process.strategy == "keyframes"
+    assert [f.time_s for f in isolated.frames] == [f.time_s for f in in_process.frames]
