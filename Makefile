@@ -8,7 +8,7 @@ SCAN_MEDIA ?= $(SHARED)/media/dev/fake/df00204.jpg $(SHARED)/media/dev/real/real
 	$(SHARED)/media/provenance/c2pa_ai_declared_valid_C.jpg $(SHARED)/media/audio/fake/0ghm5Cqpfwk.mp3
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install scan test reliability lint services-start services-stop schemas lock
+.PHONY: install scan test reliability bench lint services-start services-stop schemas lock
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ test: install
 # bounded part through `make test`). The soak's size: SYNTHWATCH_SOAK_REFS (1000).
 reliability: install
 	$(BIN)/python -m pytest tests/faults tests/security -m "slow or not slow" -s
+
+# The quick benchmark set (minutes): each script measures ours against its comparison in
+# the same run, prints a table, writes benchmarks/results/<name>.json and summary.md.
+bench: install
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.run --quick
 
 lint: install
 	$(BIN)/ruff check .

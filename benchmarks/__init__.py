@@ -1,0 +1,1 @@
+"""Benchmarks: one script per hot path plus end to end (see README.md)."""

@@ -1,0 +1,407 @@
+"""End to end, embedded mode: items/s of `scan_all` on a mixed set, against its limit
+and against a naive scanner, all measured in one run.
+
+- ours: `synthwatch.pipeline.cli.scan_all(settings, sources, workers=2)`, our bundled
+  models only (an empty model dir: sbi_face + fingerprint, LBP cascade for faces).
+- limit: 2 cores / (CPU-s per item of sampling alone + CPU-s per item of analysis alone).
+  Sampling alone is `sandbox.sample` on the same settings, one item at a time; analysis
+  alone is `Engine.analyze` fed the already-sampled frames (face detection, crops,
+  model batches, provenance and forensic signals, fusion), one item at a time. CPU
+  seconds include the decoder sandbox's children (read from /proc while they live).
+- naive: OpenCV decodes every frame (`cv2.VideoCapture`), keeps the frames nearest the
+  same targets, and runs the same face detector, then sbi_face with eager torch at
+  batch 1, per frame; stills via `cv2.imread`. One item at a time.
+
+usage: python -m benchmarks.bench_e2e [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from benchmarks._common import ROOT, Report, Target, console, peak_rss_mb, timed
+
+CACHE = ROOT / "benchmarks" / ".cache" / "e2e"
+CORES = len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------- media
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    width: int
+    height: int
+    seconds: float = 0.0
+    faces: bool = False
+    gop: int = 50
+
+    @property
+    def still(self) -> bool:
+        return self.seconds == 0.0
+
+
+def media_specs(quick: bool) -> list[Clip]:
+    """The mixed set: H.264 clips at 720p and 1080p, some with a face-like pattern, and
+    still JPEGs. Quick: 5 s clips; full: 5 and 10 s."""
+    clips = [
+        Clip("v720-5s-face", 1280, 720, 5.0, faces=True),
+        Clip("v720-5s", 1280, 720, 5.0),
+        Clip("v1080-5s-face", 1920, 1080, 5.0, faces=True),
+        Clip("v1080-5s", 1920, 1080, 5.0),
+    ]
+    if not quick:
+        clips += [
+            Clip("v720-10s-face", 1280, 720, 10.0, faces=True),
+            Clip("v1080-10s-face", 1920, 1080, 10.0, faces=True),
+            Clip("v720-10s", 1280, 720, 10.0, gop=250),
+            Clip("v1080-10s", 1920, 1080, 10.0, gop=250),
+        ]
+    stills = [
+        Clip("s1080-face", 1920, 1080, faces=True),
+        Clip("s720-face", 1280, 720, faces=True),
+        Clip("s1080", 1920, 1080),
+        Clip("s720", 1280, 720),
+    ]
+    return clips + stills
+
+
+def _still(spec: Clip, path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = spec.height, spec.width
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    image = np.empty((h, w, 3), dtype=np.uint8)
+    image[..., 0] = (xs * 0.2 + 40) % 256
+    image[..., 1] = (ys * 0.3 + 90) % 256
+    image[..., 2] = ((xs + ys) * 0.1) % 256
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    if spec.faces:  # the same face-like blob media_factory draws into clips
+        cx, cy, ax, ay = w * 0.5, h * 0.55, w * 0.12, h * 0.2
+        image[((xs - cx) / ax) ** 2 + ((ys - cy) / ay) ** 2 <= 1.0] = (224, 172, 140)
+        for ex in (cx - ax * 0.4, cx + ax * 0.4):
+            eye = ((xs - ex) / (ax * 0.15)) ** 2 + ((ys - (cy - ay * 0.25)) / (ay * 0.1)) ** 2
+            image[eye <= 1.0] = (40, 30, 30)
+    Image.fromarray(image).save(path, format="JPEG", quality=90)
+
+
+def media_set(quick: bool) -> list[Path]:
+    """The mixed set's files, generated once into benchmarks/.cache/e2e."""
+    from tests.media_factory import make_video
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, spec in enumerate(media_specs(quick)):
+        path = CACHE / f"{spec.name}.{'jpg' if spec.still else 'mp4'}"
+        if not path.exists():
+            tmp = path.with_name(f"tmp-{os.getpid()}-{path.name}")
+            console.print(f"generating {path.name}")
+            if spec.still:
+                _still(spec, tmp, seed=i)
+            else:
+                make_video(
+                    tmp,
+                    seconds=spec.seconds,
+                    fps=25,
+                    width=spec.width,
+                    height=spec.height,
+                    gop=spec.gop,
+                    faces=spec.faces,
+                )
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- CPU time
+
+
+def _children_cpu() -> float:
+    """CPU seconds of our live child processes (the warm decoder sandbox children are
+    never waited for while we measure, so RUSAGE_CHILDREN misses them)."""
+    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def cpu_now() -> float:
+    """CPU seconds of this process, its reaped children and its live children."""
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime + _children_cpu()
+
+
+@dataclass
+class Measured:
+    items: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.wall_s
+
+    @property
+    def cpu_per_item(self) -> float:
+        return self.cpu_s / self.items
+
+
+@contextlib.contextmanager
+def measuring(items: int) -> Iterator[Measured]:
+    m = Measured(items, 0.0, 0.0)
+    c0, t0 = cpu_now(), time.perf_counter()
+    yield m
+    m.wall_s, m.cpu_s = time.perf_counter() - t0, cpu_now() - c0
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def bench_settings(model_dir: Path, **sample: Any) -> Any:
+    """Settings for the benchmark: bundled models only; nothing alerts, so no evidence
+    bundle is written (the Kafka benchmark uses the same policy)."""
+    from synthwatch.pipeline.settings import PolicySettings, SampleSettings, Settings
+
+    return Settings(
+        model_dir=model_dir,
+        sample=SampleSettings(**sample),
+        policy=PolicySettings(alert_on=()),
+    )
+
+
+def run_ours(settings: Any, sources: list[str], workers: int) -> Measured:
+    from synthwatch.pipeline.cli import scan_all
+
+    with measuring(len(sources)) as m:
+        results = scan_all(settings, sources, workers=workers)
+    bad = [r for r in results if r.error]
+    if bad:
+        raise RuntimeError(f"scan failed: {bad[0].source}: {bad[0].error}")
+    return m
+
+
+@dataclass
+class Parts:
+    sampling: Measured
+    analysis: Measured
+
+    @property
+    def limit(self) -> float:
+        """Items/s if both cores were busy all the time on sampling and analysis."""
+        return CORES / (self.sampling.cpu_per_item + self.analysis.cpu_per_item)
+
+
+def run_parts(settings: Any, paths: list[Path]) -> Parts:
+    """Sampling alone, then analysis alone on the already-sampled frames, one item at a
+    time each, so every CPU second is that part's."""
+    from synthwatch.operators import sandbox
+    from synthwatch.operators.fetch import Fetcher
+    from synthwatch.pipeline import engine as engine_mod
+    from synthwatch.pipeline.engine import Engine, Item
+
+    with Fetcher(settings.fetch, embedded=True) as fetcher, tempfile.TemporaryDirectory() as tmp:
+        fetched = [fetcher.fetch(str(p), Path(tmp)) for p in paths]
+    items = [
+        Item(
+            id=f.sha256[:32],
+            url=f.url,
+            source=str(p),
+            submitted_at=time.time(),
+            sha256=f.sha256,
+            media_type=f.media_type,
+            path=f.path,
+            blob=str(f.path),
+            mime=f.mime,
+        )
+        for p, f in zip(paths, fetched, strict=True)
+    ]
+    sandbox.sample(items[0].path, settings.sample, media_type=items[0].media_type)  # warm child
+    with measuring(len(items)) as sampling:
+        sampled = {
+            it.path: sandbox.sample(it.path, settings.sample, media_type=it.media_type)
+            for it in items
+        }
+
+    class _Presampled:
+        @staticmethod
+        def sample(path: Path, _settings: Any, *, media_type: str | None = None) -> Any:
+            return sampled[path]
+
+    with Engine(settings) as engine:
+        engine.analyze(items[-1])  # warm: first-batch allocations, lazy imports
+        real = engine_mod.sandbox
+        engine_mod.sandbox = _Presampled  # type: ignore[assignment]
+        try:
+            with measuring(len(items)) as analysis:
+                for it in items:
+                    engine.analyze(it)
+        finally:
+            engine_mod.sandbox = real
+    return Parts(sampling, analysis)
+
+
+# --------------------------------------------------------------------------- naive
+
+
+def run_naive(settings: Any, paths: list[Path]) -> Measured:
+    """Decode everything with OpenCV, keep the frames nearest the targets, detect faces
+    and score each crop with eager torch at batch 1."""
+    import cv2
+    import torch
+
+    from synthwatch.models.registry import ModelStore
+    from synthwatch.operators import faces as faces_op
+    from synthwatch.pipeline.engine import load_face_detector, to_batch
+
+    torch.set_num_threads(settings.models.threads)
+    store = ModelStore(settings.model_dir)
+    model = store.load_torch("sbi_face").eval()
+    size = store.spec("sbi_face").input_shape[-1]
+    detector, _ = load_face_detector(store, settings.models)
+    n = settings.sample.frames
+
+    def frames(path: Path) -> list[np.ndarray]:
+        if path.suffix == ".jpg":
+            return [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)]
+        cap = cv2.VideoCapture(str(path))
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        targets = {round((i + 0.5) * count / n) for i in range(n)}
+        kept, i = [], 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if i in targets:
+                kept.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            i += 1
+        cap.release()
+        return kept
+
+    def one(path: Path) -> None:
+        with torch.inference_mode():
+            for frame in frames(path):
+                (dets,) = detector.detect([frame])
+                for crop in faces_op.crop_faces(frame, dets, size=size):
+                    model(torch.from_numpy(to_batch([crop.image])))
+
+    one(paths[-1])  # warm
+    with measuring(len(paths)) as m:
+        for p in paths:
+            one(p)
+    return m
+
+
+# --------------------------------------------------------------------------- main
+
+
+def measure(quick: bool, *, repeat: int = 1) -> dict[str, Any]:
+    """Ours, its limit and the naive baseline on the same items, in that order; also
+    used by bench_kafka for the embedded number."""
+    paths = media_set(quick) * repeat
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-models-") as empty:
+        settings = bench_settings(Path(empty))
+        sources = [str(p) for p in paths]
+        run_ours(settings, sources[: min(4, len(sources))], workers=2)  # warm caches, ONNX
+        ours = run_ours(settings, sources, workers=2)
+        parts = run_parts(settings, paths)
+        naive = run_naive(settings, paths)
+    return {"ours": ours, "parts": parts, "naive": naive, "items": len(paths)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="a smaller set (about 2 minutes)")
+    ap.add_argument("--profile", type=Path, help="write a cProfile of ours to this file")
+    args = ap.parse_args(argv)
+    from synthwatch.pipeline import logging as sw_logging
+
+    sw_logging.configure("WARNING", None)
+    if args.profile:
+        import cProfile
+
+        with tempfile.TemporaryDirectory() as empty:
+            settings = bench_settings(Path(empty))
+            srcs = [str(p) for p in media_set(args.quick)]
+            cProfile.runctx(
+                "run_ours(settings, srcs, 2)", globals(), locals(), filename=str(args.profile)
+            )
+        return 0
+    r, secs = timed(lambda: measure(args.quick))
+    ours, parts, naive = r["ours"], r["parts"], r["naive"]
+    limit = parts.limit
+    report = Report(
+        name="bench_e2e",
+        title=f"embedded scan, {r['items']} mixed items (items/s; ratios in the same run)",
+        columns=["configuration", "items/s", "CPU-s/item", "wall s", "vs ours"],
+        params={"quick": args.quick, "items": r["items"], "workers": 2, "frames": 16},
+    )
+    report.rows = [
+        {
+            "configuration": "ours: scan_all, 2 workers",
+            "items/s": ours.items_per_s,
+            "CPU-s/item": ours.cpu_per_item,
+            "wall s": ours.wall_s,
+            "vs ours": 1.0,
+        },
+        {
+            "configuration": "sampling alone (sandbox.sample)",
+            "items/s": parts.sampling.items_per_s,
+            "CPU-s/item": parts.sampling.cpu_per_item,
+            "wall s": parts.sampling.wall_s,
+        },
+        {
+            "configuration": "analysis alone (presampled)",
+            "items/s": parts.analysis.items_per_s,
+            "CPU-s/item": parts.analysis.cpu_per_item,
+            "wall s": parts.analysis.wall_s,
+        },
+        {
+            "configuration": f"limit: {CORES} cores / (sampling + analysis CPU)",
+            "items/s": limit,
+            "CPU-s/item": parts.sampling.cpu_per_item + parts.analysis.cpu_per_item,
+            "vs ours": limit / ours.items_per_s,
+        },
+        {
+            "configuration": "naive: OpenCV all frames, torch batch 1",
+            "items/s": naive.items_per_s,
+            "CPU-s/item": naive.cpu_per_item,
+            "wall s": naive.wall_s,
+            "vs ours": naive.items_per_s / ours.items_per_s,
+        },
+    ]
+    report.targets = [
+        Target("ours / limit", ours.items_per_s / limit, 0.8),
+        Target("ours / naive", ours.items_per_s / naive.items_per_s, 10.0),
+    ]
+    report.notes = [
+        "bundled models only (sbi_face, fingerprint; faces by the LBP cascade); "
+        "policy alert_on=() so no evidence is written",
+        f"peak RSS {peak_rss_mb():.0f} MB; whole benchmark {secs.wall_s:.0f} s",
+    ]
+    report.save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

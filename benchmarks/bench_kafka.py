@@ -1,0 +1,456 @@
+"""End to end through the real Kafka broker and S3 store: items/s and latency from
+submit to verdict with 1 and 2 `synthwatch worker --role all` processes, against
+embedded `scan_all` on the same items, in one run.
+
+A private broker and store (`scripts/services` with its own state dir and free ports,
+stopped with `stop --clean` at the end); media served over HTTP from 127.0.0.1; each
+run its own topics and consumer group; our bundled models only; nothing alerts (as in
+bench_e2e), so decide writes no evidence.
+
+Runs:
+- kafka, 1 worker, models.threads=2, detect_concurrency=2 (the embedded engine's
+  settings): against embedded `scan_all(workers=2)`.
+- kafka, 1 worker and 2 workers, each models.threads=1, detect_concurrency=1, so each
+  worker uses about one core: the scaling pair.
+
+usage: python -m benchmarks.bench_kafka [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import http.server
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import bench_e2e
+from benchmarks._common import ROOT, Report, Target, console
+
+SERVICES = ROOT / "scripts" / "services"
+FRAMES = 16
+"""SYNTHWATCH_SAMPLE__FRAMES for workers and the embedded run alike (the default)."""
+
+
+# --------------------------------------------------------------------------- services
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_seaweed_base() -> int:
+    # SeaweedFS needs BASE..BASE+3 (S3 at BASE+3), each also +10000 for gRPC.
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000, 10)
+        if all(_port_free(p + g) for p in range(base, base + 4) for g in (0, 10000)):
+            return base
+    raise RuntimeError("no free port range for SeaweedFS")
+
+
+@dataclass
+class Services:
+    """A private Kafka broker and SeaweedFS S3 gateway, never the shared ones."""
+
+    env: dict[str, str]
+    client_env: dict[str, str] = field(default_factory=dict)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["bash", str(SERVICES), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"services {' '.join(args)}: {proc.stdout}\n{proc.stderr}")
+        return proc
+
+    @property
+    def bootstrap(self) -> str:
+        return self.client_env["SYNTHWATCH_KAFKA__BOOTSTRAP_SERVERS"]
+
+
+@contextmanager
+def private_services() -> Iterator[Services]:
+    base = _free_seaweed_base()
+    with tempfile.TemporaryDirectory(prefix="bench-services-") as state:
+        env = dict(os.environ)
+        env.setdefault("PYTHON", sys.executable)
+        env.update(
+            {
+                "SYNTHWATCH_SERVICES_DIR": state,
+                "SYNTHWATCH_KAFKA_PORT": str(free_port()),
+                "SYNTHWATCH_KAFKA_CONTROLLER_PORT": str(free_port()),
+                "SYNTHWATCH_S3_PORT": str(base + 3),
+                "SYNTHWATCH_SEAWEED_PORT_BASE": str(base),
+                "SYNTHWATCH_KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m",
+            }
+        )
+        svc = Services(env)
+        console.print("starting a private Kafka and SeaweedFS")
+        try:
+            out = svc.run("start").stdout
+            svc.client_env = dict(
+                line.split("=", 1) for line in out.splitlines() if line.startswith("SYNTHWATCH_")
+            )
+            yield svc
+        finally:
+            svc.run("stop", "--clean", check=False)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+@contextmanager
+def media_server(root: Path) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1; its base URL."""
+    handler = functools.partial(_Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def ready(self) -> bool:
+        import httpx
+
+        try:
+            r = httpx.get(f"http://127.0.0.1:{self.port}/health/ready", timeout=3)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def rss_kb(self) -> int | None:
+        """VmRSS of the worker process itself (its decoder children not included)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Run:
+    """One measured configuration: its own topics and consumer group."""
+
+    services: Services
+    base_url: str
+    work: Path
+    threads: int
+    concurrency: int
+    partitions: int = 4
+    name: str = field(default_factory=lambda: f"b{uuid.uuid4().hex[:8]}")
+    workers: list[Worker] = field(default_factory=list)
+
+    def topic(self, what: str) -> str:
+        return f"{self.name}.media.{what}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.services.client_env)
+        env.update(
+            {
+                "SYNTHWATCH_KAFKA__APP_ID": f"synthwatch-{self.name}",
+                "SYNTHWATCH_KAFKA__PARTITIONS": str(self.partitions),
+                **{
+                    f"SYNTHWATCH_KAFKA__TOPIC_{t.upper()}": self.topic(t)
+                    for t in ("refs", "fetched", "verdicts", "alerts", "dlq", "retry")
+                },
+                "SYNTHWATCH_KAFKA__DETECT_CONCURRENCY": str(self.concurrency),
+                "SYNTHWATCH_MODELS__THREADS": str(self.threads),
+                "SYNTHWATCH_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
+                "SYNTHWATCH_MODEL_DIR": str(self.work / "no-third-party-models"),
+                "SYNTHWATCH_POLICY__ALERT_ON": "[]",
+                "SYNTHWATCH_SAMPLE__FRAMES": str(FRAMES),
+                "SYNTHWATCH_LOG_JSON": "true",
+                "SYNTHWATCH_LOG_LEVEL": "WARNING",
+            }
+        )
+        env.update(extra)
+        return env
+
+    def settings(self) -> Any:
+        from synthwatch.pipeline.settings import KafkaSettings, Settings
+
+        return Settings(
+            kafka=KafkaSettings(
+                bootstrap_servers=self.services.bootstrap,
+                partitions=self.partitions,
+                **{
+                    f"topic_{t}": self.topic(t)
+                    for t in ("refs", "fetched", "verdicts", "alerts", "dlq", "retry")
+                },
+            )
+        )
+
+    def start(self, n: int) -> None:
+        from synthwatch.pipeline.kafka import create_topics
+
+        asyncio.run(create_topics(self.settings()))
+        for i in range(n):
+            port = free_port()
+            log = self.work / f"{self.name}-w{i}.log"
+            with log.open("wb") as fh:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "synthwatch", "worker", "--role", "all"],
+                    env=self.env(SYNTHWATCH_WEB_PORT=str(port)),
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            self.workers.append(Worker(proc, port, log))
+        deadline = time.monotonic() + 180
+        while not all(w.ready() for w in self.workers):
+            for w in self.workers:
+                if w.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited:\n{w.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers not ready after 180 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def submit(self, urls: list[str]) -> dict[str, float]:
+        """Produce one MediaRef per URL, spread evenly over the partitions; id -> the
+        submit time it carries."""
+        return asyncio.run(self._submit(urls))
+
+    async def _submit(self, urls: list[str]) -> dict[str, float]:
+        from aiokafka import AIOKafkaProducer
+
+        from synthwatch.schemas import MediaRef, encode
+
+        producer = AIOKafkaProducer(bootstrap_servers=self.services.bootstrap, acks="all")
+        await producer.start()
+        sent: dict[str, float] = {}
+        try:
+            for i, url in enumerate(urls):
+                ref = MediaRef(
+                    id=uuid.uuid4().hex, url=url, source="bench", submitted_at=time.time()
+                )
+                await producer.send_and_wait(
+                    self.topic("refs"),
+                    value=encode(ref),
+                    key=ref.id.encode(),
+                    partition=i % self.partitions,
+                )
+                sent[ref.id] = ref.submitted_at
+        finally:
+            await producer.stop()
+        return sent
+
+    def collect(
+        self, ids: set[str], timeout: float, progress: Callable[[int], None] = lambda _n: None
+    ) -> dict[str, float]:
+        """Wait for a verdict (or DLQ record) per id; id -> when we read it.
+        `progress(count)` is called as they arrive."""
+        return asyncio.run(self._collect(ids, timeout, progress))
+
+    async def _collect(
+        self, ids: set[str], timeout: float, progress: Callable[[int], None]
+    ) -> dict[str, float]:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            self.topic("verdicts"),
+            self.topic("dlq"),
+            bootstrap_servers=self.services.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+        )
+        await consumer.start()
+        seen: dict[str, float] = {}
+        dead: list[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while not ids <= seen.keys():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(ids - seen.keys())} of {len(ids)} items unfinished")
+                batch = await consumer.getmany(timeout_ms=200)
+                now = time.time()
+                for tp, msgs in batch.items():
+                    for m in msgs:
+                        rec = json.loads(m.value)
+                        if rec.get("id") in ids and rec["id"] not in seen:
+                            seen[rec["id"]] = now
+                            if tp.topic.endswith(".dlq"):
+                                dead.append(f"{rec['id']}: {rec.get('reason')}")
+                progress(len(seen))
+        finally:
+            await consumer.stop()
+        if dead:
+            raise RuntimeError(f"dead-lettered: {dead[:3]}")
+        return seen
+
+
+@dataclass
+class KafkaResult:
+    workers: int
+    threads: int
+    concurrency: int
+    items: int
+    wall_s: float
+    latencies: list[float]
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.wall_s
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q))
+
+
+def measure_kafka(
+    svc: Services,
+    base_url: str,
+    work: Path,
+    urls: list[str],
+    *,
+    workers: int,
+    threads: int,
+    concurrency: int,
+) -> KafkaResult:
+    run = Run(svc, base_url, work, threads=threads, concurrency=concurrency)
+    try:
+        run.start(workers)
+        warm = run.submit(urls[: 2 * workers])  # ONNX sessions, decoder children, etc.
+        run.collect(set(warm), timeout=300)
+        sent = run.submit(urls)
+        t0 = min(sent.values())
+        done = run.collect(set(sent), timeout=600 + 30 * len(urls))
+    finally:
+        run.stop()
+    return KafkaResult(
+        workers=workers,
+        threads=threads,
+        concurrency=concurrency,
+        items=len(urls),
+        wall_s=max(done.values()) - t0,
+        latencies=[done[i] - sent[i] for i in sent],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer items (about 3 minutes)")
+    args = ap.parse_args(argv)
+    from synthwatch.pipeline import logging as sw_logging
+
+    sw_logging.configure("WARNING", None)
+    paths = bench_e2e.media_set(args.quick) * (1 if args.quick else 3)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp,
+        private_services() as svc,
+        media_server(bench_e2e.CACHE) as base,
+    ):
+        work = Path(tmp)
+        urls = [f"{base}/{p.name}" for p in paths]
+        (work / "no-third-party-models").mkdir()
+        settings = bench_e2e.bench_settings(work / "no-third-party-models")
+        bench_e2e.run_ours(settings, [str(p) for p in paths[:4]], workers=2)  # warm
+        embedded = bench_e2e.run_ours(settings, [str(p) for p in paths], workers=2)
+        k_full = measure_kafka(svc, base, work, urls, workers=1, threads=2, concurrency=2)
+        k1 = measure_kafka(svc, base, work, urls, workers=1, threads=1, concurrency=1)
+        k2 = measure_kafka(svc, base, work, urls, workers=2, threads=1, concurrency=1)
+    report = Report(
+        name="bench_kafka",
+        title=f"Kafka + S3 end to end, {len(paths)} mixed items (ratios in the same run)",
+        columns=["configuration", "items/s", "vs embedded", "p50 s", "p95 s", "p99 s"],
+        params={"quick": args.quick, "items": len(paths), "frames": FRAMES, "partitions": 4},
+    )
+    report.rows.append(
+        {
+            "configuration": "embedded scan_all, 2 workers, 2 model threads",
+            "items/s": embedded.items_per_s,
+            "vs embedded": 1.0,
+        }
+    )
+    for r in (k_full, k1, k2):
+        report.rows.append(
+            {
+                "configuration": f"kafka, {r.workers} worker(s), threads={r.threads}, "
+                f"detect_concurrency={r.concurrency}",
+                "items/s": r.items_per_s,
+                "vs embedded": r.items_per_s / embedded.items_per_s,
+                "p50 s": r.pct(50),
+                "p95 s": r.pct(95),
+                "p99 s": r.pct(99),
+            }
+        )
+    report.targets = [
+        Target("kafka 1 worker / embedded", k_full.items_per_s / embedded.items_per_s, 0.9),
+        Target("kafka 2 workers / 1 worker (1 core each)", k2.items_per_s / k1.items_per_s, 1.7),
+    ]
+    report.notes = [
+        "latency: from the submitted_at we put in each MediaRef to when our consumer read "
+        "its verdict; all refs are submitted at once, so it includes queueing",
+        "scaling pair: SYNTHWATCH_MODELS__THREADS=1, SYNTHWATCH_KAFKA__DETECT_CONCURRENCY=1 "
+        "per worker, 4 partitions",
+        "bundled models only; SYNTHWATCH_POLICY__ALERT_ON=[] so no evidence is written",
+    ]
+    report.save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
