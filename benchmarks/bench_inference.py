@@ -48,13 +48,13 @@ LABEL = {
     "torch_cl": "chan_last",
     "torch_compile": "compile",
     "ort_whole": "ORT whole",
-    "onnxruntime": "ORT",
+    "onnxruntime": "ORT by row",
     "tensorrt": "TensorRT",
 }
 """Short, so the table fits 80 columns: torch eager (NCHW), torch channels_last (what
 `select_backend("torch")` builds on CPU), torch.compile, ONNX Runtime running each batch
-whole (`rows_per_run=0`, the backend before it ran rows one at a time), ONNX Runtime as
-`OnnxRuntimeBackend` runs by default, TensorRT FP16."""
+whole (`rows_per_run=0`, the default for image models), ONNX Runtime one row per run
+(`rows_per_run=1`, what the engine uses for audio models), TensorRT FP16."""
 MTCNN_FRAME = (360, 640)
 """MTCNN scores frames, not crops: 640x360 frames (items are frames)."""
 
@@ -102,7 +102,7 @@ def _make_runner(model: str, backend: str) -> tuple[Callable[[Any], Any], Callab
         b: infer.InferenceBackend = infer.OnnxRuntimeBackend(
             store.onnx_path(model),
             threads=THREADS,
-            **({"rows_per_run": 0} if backend == "ort_whole" else {}),
+            rows_per_run=0 if backend == "ort_whole" else 1,
         )
     elif backend == "tensorrt":
         b = infer.TensorRTBackend(

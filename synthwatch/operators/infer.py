@@ -42,13 +42,14 @@ class InferenceBackend(ABC):
 class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, *, threads: int = 2, rows_per_run: int = 1) -> None:
-        """`rows_per_run`: the most rows one session run gets; a larger batch runs in
-        slices. On 2 CPU cores one row at a time is fastest (1.2-3.3x a whole batch of 32
-        for the shipped image models, benchmarks/bench_inference.py): one image's
-        activations stay in the caches, a batch's do not (Meso-4's first layer alone is
-        2 MB per image); it also cuts AASIST's peak memory at batch 8 from 3.3 to 1.0 GB.
-        0 runs every batch whole."""
+    def __init__(self, onnx_path: Path, *, threads: int = 2, rows_per_run: int = 0) -> None:
+        """`rows_per_run`: the most rows one session run gets (0: the whole batch); a
+        larger batch runs in slices. Measured in one quiet run on 2 cores
+        (benchmarks/results/inference.json): whole batches are faster for the default
+        image models (sbi_face 1.19x, fingerprint 1.16x, MesoInception-4 1.7x at batch
+        32; Meso-4 alone prefers rows, 0.75x), and rows use far less memory on the audio
+        models at the same speed (AASIST at batch 8: 3.3 GB peak whole, 1.0 GB by row),
+        so the engine runs audio models a row at a time."""
         import onnxruntime as ort
 
         if rows_per_run < 0:
@@ -247,10 +248,12 @@ def select_backend(
     threads: int,
     max_batch: int,
     engine_cache_dir: Path,
+    rows_per_run: int = 0,
 ) -> InferenceBackend:
     """Build the backend `name` names (`auto`: TensorRT on a GPU, else ONNX Runtime).
 
     The model is given lazily (callables), so only the form the backend needs is built.
+    `rows_per_run` is ONNX Runtime's slicing (see `OnnxRuntimeBackend`).
     """
     chosen = resolve_backend_name(name)
     if chosen == "tensorrt":
@@ -258,4 +261,4 @@ def select_backend(
     if chosen == "torch":
         gpu = gpu_available()
         return TorchBackend(torch_module(), device="cuda" if gpu else "cpu", channels_last=not gpu)
-    return OnnxRuntimeBackend(onnx_path(), threads=threads)
+    return OnnxRuntimeBackend(onnx_path(), threads=threads, rows_per_run=rows_per_run)
