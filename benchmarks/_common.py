@@ -7,6 +7,7 @@ are not compared (a machine of this kind drifts 25-35% within an hour, PERF_NOTE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -32,13 +33,11 @@ console = Console(stderr=False, width=200)
 def machine() -> dict[str, Any]:
     """The machine and code a result came from: CPU model, cores, versions, commit."""
     cpu = platform.processor() or ""
-    try:
+    with contextlib.suppress(OSError):  # no /proc: keep platform's answer
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     versions: dict[str, str] = {}
     for mod in ("torch", "onnxruntime", "av", "numpy", "aiokafka", "faust"):
         try:
@@ -130,7 +129,7 @@ class Report:
         for col in self.columns:
             table.add_column(col, justify="left" if col == self.columns[0] else "right")
         for row in self.rows:
-            table.add_row(*(_fmt(row.get(c)) for c in self.columns))
+            table.add_row(*(fmt(row.get(c)) for c in self.columns))
         console.print(table)
         for t in self.targets:
             mark = "[green]met[/]" if t.met else "[red]NOT met[/]"
@@ -164,7 +163,8 @@ class Report:
         return path
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A table cell: 3 significant digits, thousands separated, "-" for nothing."""
     if value is None:
         return "-"
     if isinstance(value, float):

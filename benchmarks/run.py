@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS, ROOT
+from benchmarks._common import RESULTS, ROOT, fmt
 
 # Order: the hot paths first, end to end last.
 SCRIPTS = ("sampling", "inference", "batcher", "e2e", "kafka", "soak")
@@ -75,7 +75,7 @@ def markdown(results: Path) -> str:
         parts.append("| " + " | ".join(cols) + " |")
         parts.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
         for row in data["rows"]:
-            parts.append("| " + " | ".join(_cell(row.get(c)) for c in cols) + " |")
+            parts.append("| " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
         parts.append("")
         for t in data.get("targets", []):
             op = ">=" if t["at_least"] else "<="
@@ -85,14 +85,6 @@ def markdown(results: Path) -> str:
             parts.append(f"- {note}")
         parts.append("")
     return "\n".join(parts)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ sockets; confining that takes seccomp or namespaces, which this does not set up.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import pickle
@@ -546,13 +547,11 @@ def _limit_cpu(seconds: int) -> None:
 
 
 def _address_space_mb() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
+    """This process's address space in MB; None where /proc does not say."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) // 1024
     return None
 
 
