@@ -24,9 +24,7 @@ import functools
 import http.server
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,8 +41,9 @@ import numpy as np
 
 from benchmarks import bench_e2e
 from benchmarks._common import ROOT, Report, Target, console
+from tests.private_services import PrivateServices, free_port
+from tests.private_services import private_services as shared_private_services
 
-SERVICES = ROOT / "scripts" / "services"
 FRAMES = 16
 """SYNTHWATCH_SAMPLE__FRAMES for workers and the embedded run alike (the default)."""
 
@@ -52,82 +51,11 @@ FRAMES = 16
 # --------------------------------------------------------------------------- services
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_seaweed_base() -> int:
-    # SeaweedFS needs BASE..BASE+3 (S3 at BASE+3), each also +10000 for gRPC.
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 30000, 10)
-        if all(_port_free(p + g) for p in range(base, base + 4) for g in (0, 10000)):
-            return base
-    raise RuntimeError("no free port range for SeaweedFS")
-
-
-@dataclass
-class Services:
-    """A private Kafka broker and SeaweedFS S3 gateway, never the shared ones."""
-
-    env: dict[str, str]
-    client_env: dict[str, str] = field(default_factory=dict)
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            ["bash", str(SERVICES), *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"services {' '.join(args)}: {proc.stdout}\n{proc.stderr}")
-        return proc
-
-    @property
-    def bootstrap(self) -> str:
-        return self.client_env["SYNTHWATCH_KAFKA__BOOTSTRAP_SERVERS"]
-
-
 @contextmanager
-def private_services() -> Iterator[Services]:
-    base = _free_seaweed_base()
-    with tempfile.TemporaryDirectory(prefix="bench-services-") as state:
-        env = dict(os.environ)
-        env.setdefault("PYTHON", sys.executable)
-        env.update(
-            {
-                "SYNTHWATCH_SERVICES_DIR": state,
-                "SYNTHWATCH_KAFKA_PORT": str(free_port()),
-                "SYNTHWATCH_KAFKA_CONTROLLER_PORT": str(free_port()),
-                "SYNTHWATCH_S3_PORT": str(base + 3),
-                "SYNTHWATCH_SEAWEED_PORT_BASE": str(base),
-                "SYNTHWATCH_KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m",
-            }
-        )
-        svc = Services(env)
-        console.print("starting a private Kafka and SeaweedFS")
-        try:
-            out = svc.run("start").stdout
-            svc.client_env = dict(
-                line.split("=", 1) for line in out.splitlines() if line.startswith("SYNTHWATCH_")
-            )
-            yield svc
-        finally:
-            svc.run("stop", "--clean", check=False)
+def private_services() -> Iterator[PrivateServices]:
+    console.print("starting a private Kafka and SeaweedFS")
+    with shared_private_services() as svc:
+        yield svc
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -190,7 +118,7 @@ class Worker:
 class Run:
     """One measured configuration: its own topics and consumer group."""
 
-    services: Services
+    services: PrivateServices
     base_url: str
     work: Path
     threads: int
@@ -361,7 +289,7 @@ class KafkaResult:
 
 
 def measure_kafka(
-    svc: Services,
+    svc: PrivateServices,
     base_url: str,
     work: Path,
     urls: list[str],

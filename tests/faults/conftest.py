@@ -16,9 +16,7 @@ import hashlib
 import http.server
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,8 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = REPO_ROOT / "scripts" / "services"
+from tests.private_services import PrivateServices, free_port
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -46,89 +44,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_seaweed_base(rng: random.Random) -> int:
-    # SeaweedFS needs BASE..BASE+2 and the S3 port (BASE+3 here), each also + 10000
-    # for gRPC: hence a base well below 55535, not an ephemeral port.
-    for _ in range(200):
-        base = rng.randrange(20000, 30000, 10)
-        ports = [p + grpc for p in range(base, base + 4) for grpc in (0, 10000)]
-        if all(_port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range for SeaweedFS")
-
-
-@dataclass
-class PrivateServices:
-    """One Kafka broker and one SeaweedFS S3 gateway owned by the fault suite."""
-
-    state_dir: Path
-    env: dict[str, str]
-    client_env: dict[str, str] = field(default_factory=dict)
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            ["bash", str(SERVICES), *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"services {' '.join(args)}: {proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def start(self) -> None:
-        out = self.run("start").stdout
-        self.client_env = dict(
-            line.split("=", 1) for line in out.splitlines() if line.startswith("SYNTHWATCH_")
-        )
-
-    def stop(self, name: str) -> None:
-        self.run("stop", name)
-
-    @property
-    def bootstrap(self) -> str:
-        return self.client_env["SYNTHWATCH_KAFKA__BOOTSTRAP_SERVERS"]
-
-
 @pytest.fixture(scope="session")
 def fault_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateServices]:
-    rng = random.Random()
-    seaweed_base = _free_seaweed_base(rng)
-    env = dict(os.environ)
-    env.setdefault("PYTHON", sys.executable)
-    env.update(
-        {
-            "SYNTHWATCH_SERVICES_DIR": str(tmp_path_factory.mktemp("fault-services")),
-            "SYNTHWATCH_KAFKA_PORT": str(free_port()),
-            "SYNTHWATCH_KAFKA_CONTROLLER_PORT": str(free_port()),
-            "SYNTHWATCH_S3_PORT": str(seaweed_base + 3),
-            "SYNTHWATCH_SEAWEED_PORT_BASE": str(seaweed_base),
-            "SYNTHWATCH_KAFKA_HEAP_OPTS": "-Xms128m -Xmx512m",
-        }
-    )
-    svc = PrivateServices(Path(env["SYNTHWATCH_SERVICES_DIR"]), env)
+    svc = PrivateServices.create(tmp_path_factory.mktemp("fault-services"))
     svc.start()
     try:
         yield svc
     finally:
-        svc.run("stop", "--clean", check=False)
+        svc.close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
