@@ -222,20 +222,7 @@ def run_parts(settings: Any, paths: list[Path]) -> Parts:
 
     with Fetcher(settings.fetch, embedded=True) as fetcher, tempfile.TemporaryDirectory() as tmp:
         fetched = [fetcher.fetch(str(p), Path(tmp)) for p in paths]
-    items = [
-        Item(
-            id=f.sha256[:32],
-            url=f.url,
-            source=str(p),
-            submitted_at=time.time(),
-            sha256=f.sha256,
-            media_type=f.media_type,
-            path=f.path,
-            blob=str(f.path),
-            mime=f.mime,
-        )
-        for p, f in zip(paths, fetched, strict=True)
-    ]
+    items = [Item.local(f, source=str(p)) for p, f in zip(paths, fetched, strict=True)]
     sandbox.sample(items[0].path, settings.sample, media_type=items[0].media_type)  # warm child
     with measuring(len(items)) as sampling:
         sampled = {

@@ -563,6 +563,8 @@ class _ArrayEncoder:
 
     def __call__(self, obj: Any) -> Any:
         if not isinstance(obj, np.ndarray):
+            # msgspec's enc_hook contract: NotImplementedError means "type unsupported",
+            # which msgspec turns into its own encode error naming the type.
             raise NotImplementedError(f"cannot send {type(obj).__name__}")
         array = np.ascontiguousarray(obj)
         self._arrays.append(array)

@@ -166,7 +166,6 @@ def scan_all(
     batches); with a store, write evidence bundles for alerting items. One item's
     failure, even a bug, is recorded in its result and never loses the others."""
     from synthwatch.operators.fetch import Fetcher
-    from synthwatch.operators.netguard import redact_url
     from synthwatch.pipeline.engine import Engine, Item, decide, sampled_evidence
 
     results: list[ScanResult] = [ScanResult(source=s) for s in sources]
@@ -182,18 +181,8 @@ def scan_all(
                 fetched = fetcher.fetch(res.source, Path(tmp))
                 if fetched.path.is_relative_to(tmp):
                     downloaded = fetched.path  # a URL's bytes: ours to delete when done
-                item = Item(
-                    id=fetched.sha256[:32],
-                    # Verdicts, reports and the --json output may travel: no signatures.
-                    url=redact_url(fetched.url),
-                    source=_shown(res.source),
-                    submitted_at=time.time(),
-                    sha256=fetched.sha256,
-                    media_type=fetched.media_type,
-                    path=fetched.path,
-                    blob=str(fetched.path),
-                    mime=fetched.mime,
-                )
+                # Verdicts, reports and the --json output may travel: no signatures.
+                item = Item.local(fetched, source=_shown(res.source))
                 analysis = engine.analyze(item)
                 res.verdict = analysis.verdict
                 record: dict[str, Any] = _verdict_json(analysis.verdict)

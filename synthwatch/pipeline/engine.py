@@ -9,6 +9,7 @@ crops from concurrent items share batches.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ from synthwatch.operators.calibrate import Calibration
 from synthwatch.operators.errors import ModelUnavailable
 from synthwatch.operators.evidence import Bundle, EvidenceFrame, write_bundle
 from synthwatch.operators.faces import FaceFinder
+from synthwatch.operators.fetch import Fetched
 from synthwatch.operators.infer import InferenceBackend, resolve_backend_name, select_backend
+from synthwatch.operators.netguard import redact_url
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.sample import Sampled
 from synthwatch.operators.store import ObjectStore
@@ -72,6 +75,22 @@ class Item:
     path: Path
     blob: str
     mime: str = ""
+
+    @classmethod
+    def local(cls, fetched: Fetched, *, source: str) -> Item:
+        """An item scanned in this process (embedded mode): its id is its hash, its
+        blob the local file, and its URL shown without credentials or signatures."""
+        return cls(
+            id=fetched.sha256[:32],
+            url=redact_url(fetched.url),
+            source=source,
+            submitted_at=time.time(),
+            sha256=fetched.sha256,
+            media_type=fetched.media_type,
+            path=fetched.path,
+            blob=str(fetched.path),
+            mime=fetched.mime,
+        )
 
 
 @dataclass(frozen=True)

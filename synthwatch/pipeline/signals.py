@@ -199,23 +199,12 @@ def forensic_signals(path: Path, image: npt.NDArray[np.uint8]) -> list[Signal]:
 def forensic_overlays(path: Path | None, image: npt.NDArray[np.uint8]) -> list[Overlay]:
     """The forensic maps as evidence images for a still image's frame."""
     ela, spec = forensic_maps(path, image)
-    out: list[Overlay] = []
-    if ela is not None:
-        out.append(
-            Overlay(
-                name="ela",
-                role="forensic_map",
-                png=ela.png(),
-                note=f"error level analysis (re-saved at quality 90), score {ela.score:.3f}",
-            )
-        )
-    if spec is not None:
-        out.append(
-            Overlay(
-                name="residual_spectrum",
-                role="forensic_map",
-                png=spec.png(),
-                note=f"log spectrum of the noise residual, peak score {spec.score:.3f}",
-            )
-        )
-    return out
+    shown = [
+        (ela, "ela", "error level analysis (re-saved at quality 90), score"),
+        (spec, "residual_spectrum", "log spectrum of the noise residual, peak score"),
+    ]
+    return [
+        Overlay(name=name, role="forensic_map", png=m.png(), note=f"{what} {m.score:.3f}")
+        for m, name, what in shown
+        if m is not None
+    ]

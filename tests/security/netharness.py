@@ -180,8 +180,10 @@ class _Handler(socketserver.StreamRequestHandler):
         # OSError: the client hung up, as the fetcher does on every refusal and cap.
         with contextlib.suppress(OSError):
             request_line = self.rfile.readline(65536).decode("latin-1")
-            while self.rfile.readline(65536) not in (b"\r\n", b"\n", b""):
-                pass
+            # Skip the headers: up to the blank line, or the end of a cut-off request.
+            for line in iter(lambda: self.rfile.readline(65536), b""):
+                if line in (b"\r\n", b"\n"):
+                    break
             parts = request_line.split()
             path = parts[1] if len(parts) > 1 else ""
             self.server.requests.append(path)

@@ -531,12 +531,13 @@ class _AnyKeyS3:
 class _Body:
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.closed = False
 
     def iter_chunks(self, chunk_size: int) -> Iterator[bytes]:
         yield self.data
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=_ids(HOSTILE_NAMES))
