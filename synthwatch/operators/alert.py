@@ -38,4 +38,7 @@ def make_alert(verdict: Verdict, *, evidence_uri: str, manifest_sha256: str) -> 
         evidence_uri=evidence_uri,
         manifest_sha256=manifest_sha256,
         segments=verdict.segments,
+        submitted_at=verdict.submitted_at,
+        detected_at=verdict.detected_at,
+        decided_by=verdict.decided_by,
     )

@@ -148,12 +148,17 @@ def write_bundle(
                 "explanations": explained,
             }
         )
+    # The report's bytes (and so its key) must not change when the same media is
+    # detected again after a crash, or a half-written bundle would gain a second
+    # report: `detected_at` differs per detection, so the manifest's `created_at`
+    # stands for the time instead.
+    verdict_doc = {k: v for k, v in to_builtins(verdict).items() if k != "detected_at"}
     report = {
         "schema": REPORT_SCHEMA,
         "alert_id": alert_id,
         "tool": {"name": "synthwatch", "version": __version__},
         "verdict": {
-            **to_builtins(verdict),
+            **verdict_doc,
             "url": redact_urls(verdict.url),
             "source": redact_urls(verdict.source),
         },

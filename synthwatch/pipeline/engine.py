@@ -370,6 +370,7 @@ class Engine:
             notes=notes,
             decided_by=fused.decided_by,
             provenance=provenance,
+            detected_at=round(time.time(), 3),
         )
         return Analysis(verdict=verdict, sampled=sampled)
 

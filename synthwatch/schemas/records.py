@@ -146,6 +146,8 @@ class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
     decided_by: list[str] = []
     """Names of the signals that set the synthetic score (or decided the verdict)."""
     provenance: Provenance | None = None
+    detected_at: float = 0.0
+    """Unix time the verdict was made (0.0 from a producer that predates the field)."""
 
 
 class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
@@ -164,6 +166,12 @@ class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
     """URI of the bundle's `manifest.json`."""
     manifest_sha256: Sha256
     segments: list[Segment]
+    submitted_at: float = 0.0
+    """Unix time the reference was submitted (0.0 when the producer did not say)."""
+    detected_at: float = 0.0
+    """Unix time the verdict was made: the finding's time in SIEM formats."""
+    decided_by: list[str] = []
+    """Names of the signals that set the synthetic score (or decided the verdict)."""
 
 
 class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):
