@@ -140,6 +140,10 @@ class KafkaSettings(_Frozen):
     session_timeout_s: float = 45.0
     """How long the group waits for a silent member (a killed worker) before handing its
     partitions to the others: Kafka's default; the broker allows 6 s to 1800 s."""
+    group_instance_id: str | None = None
+    """Static group membership (KIP-345): a stable name per worker, e.g. the pod name of
+    a StatefulSet or Deployment. A restarted worker that rejoins within
+    `session_timeout_s` gets its partitions back without a rebalance of the group."""
     max_poll_interval_s: float = 300.0
     """Broker-side limit between polls before the consumer is thrown out of its group.
     Work runs off the event loop, so polling goes on during a slow batch."""
@@ -162,6 +166,28 @@ class RetrySettings(_Frozen):
     outage_backoff_max_s: float = 30.0
     """While our own store is unreachable the stage pauses (it does not burn the record's
     attempts on our outage) and probes again at most this far apart."""
+
+
+class SinkSettings(_Frozen):
+    """The alert sink (`synthwatch worker --role sink`): reads `media.alerts` and POSTs
+    each alert to a webhook (a SOAR, a ticketing system, Splunk's HTTP Event Collector)."""
+
+    url: str | None = None
+    """Where alerts are POSTed; the sink role refuses to start without it."""
+    format: Literal["native", "ocsf", "splunk_hec"] = "ocsf"
+    """native: the alert.v1 record; ocsf: an OCSF Detection Finding (class 2004);
+    splunk_hec: an HEC event envelope around the OCSF finding."""
+    secret: SecretStr | None = None
+    """HMAC-SHA256 key for the signature header; unsigned when unset."""
+    splunk_token: SecretStr | None = None
+    """HEC token, sent as `Authorization: Splunk <token>` (splunk_hec only)."""
+    splunk_index: str | None = None
+    splunk_sourcetype: str = "synthwatch:alert"
+    max_attempts: int = 6
+    """Delivery attempts per alert before it is dead-lettered (reason `delivery`)."""
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 10.0
 
 
 class HealthSettings(_Frozen):
@@ -195,6 +221,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
+    sink: SinkSettings = SinkSettings()
     fault_points: tuple[str, ...] = ()
     """Fault injection for the fault suite (tests/faults), inert when empty: entries
     `<stage>.<point>=kill` (SIGKILL this process there) or `=sleep:<seconds>`, e.g.

@@ -176,7 +176,7 @@ class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
 
 class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):
     reason: str
-    stage: Literal["fetch", "detect", "decide", "submit", "retry"]
+    stage: Literal["fetch", "detect", "decide", "submit", "retry", "sink"]
     error: str
     attempt: int = 0
     id: str | None = None
