@@ -258,11 +258,14 @@ class Engine:
             # Audio models a window at a time: same speed, a third of the peak memory.
             rows_per_run=1 if kind == "audio" else 0,
         )
+        weights_id = self.models.weights_id(name)
+        version = f"{name}@{weights_id[:12]}"
+        metrics.MODEL_INFO.labels(name, version, weights_id, backend.name).set(1)
         self.detectors.append(
             Detector(
                 name=name,
                 kind=kind,
-                version=f"{name}@{self.models.weights_id(name)[:12]}",
+                version=version,
                 input_shape=spec.input_shape,
                 weight=ms.weights.get(name, 1.0),
                 backend=backend,
@@ -270,7 +273,7 @@ class Engine:
                     backend.run,
                     max_batch=max_batch,
                     max_delay_ms=ms.max_delay_ms,
-                    on_batch=metrics.observe_batch,
+                    on_batch=metrics.batch_observer(name, backend.name, max_batch),
                     name=f"batcher-{name}",
                 ),
             )
@@ -303,7 +306,9 @@ class Engine:
     def analyze(self, item: Item) -> Analysis:
         """Sample; score faces, whole images and audio; read provenance; fuse; decide."""
         ms = self.settings.models
+        t0 = time.perf_counter()
         sampled = sandbox.sample(item.path, self.settings.sample, media_type=item.media_type)
+        metrics.DECODE_SECONDS.labels(sampled.media_type).observe(time.perf_counter() - t0)
         signals: list[Signal] = []
         notes: list[str] = []
         provenance: Provenance | None = None

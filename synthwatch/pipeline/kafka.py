@@ -14,8 +14,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from opentelemetry.trace import SpanKind
 
 from synthwatch.operators.errors import SynthwatchError
+from synthwatch.pipeline import tracing
 from synthwatch.pipeline.settings import KafkaSettings, Settings
 from synthwatch.schemas import DeadLetter, MediaRef, decode, encode
 
@@ -96,10 +98,22 @@ async def produce_refs(settings: Settings, refs: Sequence[MediaRef]) -> None:
     except KafkaError as exc:
         raise BrokerUnavailable(f"cannot reach Kafka at {k.bootstrap_servers}: {exc}") from None
     try:
-        futures = [
-            await producer.send(k.topic_refs, value=encode(ref), key=ref.id.encode())
-            for ref in refs
-        ]
+        futures = []
+        for ref in refs:
+            # Each reference starts its own trace; the stages continue it (tracing.py).
+            with tracing.span(
+                "synthwatch.submit",
+                kind=SpanKind.PRODUCER,
+                attributes={"messaging.system": "kafka", "synthwatch.id": ref.id},
+            ):
+                futures.append(
+                    await producer.send(
+                        k.topic_refs,
+                        value=encode(ref),
+                        key=ref.id.encode(),
+                        headers=tracing.current_headers(),
+                    )
+                )
         for fut in futures:
             await fut
     finally:
@@ -129,6 +143,7 @@ def stage_input_topics(k: KafkaSettings) -> dict[str, str]:
         "fetch": k.topic_refs,
         "detect": k.topic_fetched,
         "decide": k.topic_verdicts,
+        "sink": k.topic_alerts,
     }
 
 
@@ -217,7 +232,9 @@ async def replay_dlq(
                                     (
                                         REPLAY_HEADER,
                                         f"{k.topic_dlq}:{tp.partition}:{m.offset}".encode(),
-                                    )
+                                    ),
+                                    # the replayed record stays in its original trace
+                                    *tracing.trace_headers(m.headers),
                                 ],
                             )
                         )

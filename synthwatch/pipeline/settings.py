@@ -190,6 +190,12 @@ class SinkSettings(_Frozen):
     timeout_s: float = 10.0
 
 
+class TracingSettings(_Frozen):
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint (e.g. `http://otel-collector:4318/v1/traces`); needs the
+    `otlp` extra. Unset: trace context still propagates in Kafka headers and logs."""
+
+
 class HealthSettings(_Frozen):
     stall_s: float = 600.0
     """Liveness fails when work is pending and no record has finished for this long."""
@@ -222,6 +228,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     sink: SinkSettings = SinkSettings()
+    tracing: TracingSettings = TracingSettings()
     fault_points: tuple[str, ...] = ()
     """Fault injection for the fault suite (tests/faults), inert when empty: entries
     `<stage>.<point>=kill` (SIGKILL this process there) or `=sleep:<seconds>`, e.g.

@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar
 
 import faust
 import structlog
+from opentelemetry.trace import Span, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from synthwatch.models.registry import ModelStore
@@ -44,7 +45,7 @@ from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.netguard import redact_url
 from synthwatch.operators.store import S3Store, blob_key
-from synthwatch.pipeline import metrics
+from synthwatch.pipeline import metrics, tracing
 from synthwatch.pipeline.engine import Engine, Item, build_policy, decide
 from synthwatch.pipeline.explain import Explainer, evidence_frames
 from synthwatch.pipeline.faults import FaultPoints
@@ -146,8 +147,15 @@ class Pipeline:
         self.role = role
         k = settings.kafka
         kw = client_kwargs(k)
+        tracing.setup(settings.tracing.otlp_endpoint)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="synthwatch-work-", dir=settings.work_dir))
         self.app = faust.App(
             k.app_id,
+            # faust keeps table state under its datadir even with the memory store; the
+            # default (`<app id>-data` in the working directory) breaks a read-only root
+            # filesystem and litters the checkout.
+            datadir=str(self.work_dir / "faust"),
+            consumer_group_instance_id=k.group_instance_id,
             broker=f"kafka://{k.bootstrap_servers}",
             broker_credentials=_faust_credentials(kw),
             store="memory://",
@@ -186,7 +194,6 @@ class Pipeline:
         """Dependencies found unreachable (name -> why); readiness is false while any is."""
         self.stages: set[Stage] = set()
         self.store = S3Store(s3_client(settings), settings.s3.bucket)
-        self.work_dir = Path(tempfile.mkdtemp(prefix="synthwatch-work-", dir=settings.work_dir))
         self.policy = build_policy(settings)
         self.engine: Engine | None = None
         self.explainer: Explainer | None = None
@@ -284,7 +291,12 @@ class Pipeline:
                     mime=fm.mime,
                 )
             )
-        metrics.ITEMS.labels("detect", analysis.verdict.decision).inc()
+        verdict = analysis.verdict
+        metrics.VERDICTS.labels(verdict.media_type, verdict.decision, verdict.model_set).inc()
+        if fm.submitted_at > 0:
+            metrics.END_TO_END_SECONDS.labels(verdict.media_type).observe(
+                max(0.0, time.time() - fm.submitted_at)
+            )
         log.info(
             "verdict",
             decision=analysis.verdict.decision,
@@ -321,6 +333,7 @@ class Pipeline:
             return None
         self.faults.hit("decide.after_evidence")
         alert, bundle = decided
+        metrics.ALERTS.labels(alert.decision).inc()
         log.info(
             "alert",
             alert_id=alert.alert_id,
@@ -356,21 +369,18 @@ class Pipeline:
                 t0 = time.perf_counter()
                 self.watchdog.started()
                 try:
-                    result = await self._run(stage, work, event.value)
-                    if result is not None:
-                        topic, key, value = result
-                        await (await topic.send(key=key, value=value))
-                        if after_send is not None and self.faults.armed:
-                            self.faults.hit(after_send)
-                    metrics.ITEMS.labels(stage, "ok").inc()
-                except SynthwatchError as exc:
-                    if is_permanent(exc):
-                        await self._dead_letter(stage, event, exc.reason, str(exc), attempt)
-                    else:
-                        await self._retry_later(stage, event, exc, attempt)
-                except Exception as exc:  # a bug must not wedge the partition: route it
-                    log.exception("unexpected error", error_type=type(exc).__name__)
-                    await self._dead_letter(stage, event, "internal", type(exc).__name__, attempt)
+                    with tracing.span(
+                        f"synthwatch.{stage}",
+                        parent=getattr(msg, "headers", None),
+                        attributes={
+                            "messaging.system": "kafka",
+                            "messaging.destination.name": msg.topic,
+                            "messaging.destination.partition.id": str(msg.partition),
+                            "messaging.kafka.offset": msg.offset,
+                            "synthwatch.attempt": attempt,
+                        },
+                    ) as span:
+                        await self._handle(stage, work, event, attempt, after_send, span)
                 finally:
                     self.watchdog.finished()
                     metrics.STAGE_SECONDS.labels(stage).observe(time.perf_counter() - t0)
@@ -378,6 +388,36 @@ class Pipeline:
 
         agent.__name__ = f"{stage}_agent"
         return agent
+
+    async def _handle(
+        self,
+        stage: Stage,
+        work: Callable[[bytes | None], tuple[Any, bytes, bytes] | None],
+        event: Any,
+        attempt: int,
+        after_send: str | None,
+        span: Span,
+    ) -> None:
+        """One record through its stage: output sent (with this span's trace context),
+        or the record routed to the retry topic or the DLQ."""
+        try:
+            result = await self._run(stage, work, event.value)
+            if result is not None:
+                topic, key, value = result
+                await (await topic.send(key=key, value=value, headers=tracing.current_headers()))
+                if after_send is not None and self.faults.armed:
+                    self.faults.hit(after_send)
+            metrics.ITEMS.labels(stage, "ok").inc()
+        except SynthwatchError as exc:
+            span.set_status(StatusCode.ERROR, exc.reason)
+            if is_permanent(exc):
+                await self._dead_letter(stage, event, exc.reason, str(exc), attempt)
+            else:
+                await self._retry_later(stage, event, exc, attempt)
+        except Exception as exc:  # a bug must not wedge the partition: route it
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            log.exception("unexpected error", error_type=type(exc).__name__)
+            await self._dead_letter(stage, event, "internal", type(exc).__name__, attempt)
 
     async def _run(self, stage: Stage, work: Callable[[bytes | None], T], value: bytes | None) -> T:
         """`work` with in-place retries; while our own store is down, pause and resume.
@@ -446,7 +486,14 @@ class Pipeline:
         record = self._letter(stage, event, exc.reason, str(exc), attempt + 1)
         log.warning("transient failure: to the retry topic", reason=exc.reason, next=attempt + 1)
         metrics.RETRIED.labels(stage, exc.reason).inc()
-        await (await self.retry.send(key=(record.id or "").encode(), value=encode(record)))
+        metrics.ITEMS.labels(stage, "retry").inc()
+        await (
+            await self.retry.send(
+                key=(record.id or "").encode(),
+                value=encode(record),
+                headers=_trace_headers(event),
+            )
+        )
 
     async def _retry_agent(self, stream: Any) -> None:
         """Hold each retry record until it is due, then send its original back to the
@@ -474,7 +521,10 @@ class Pipeline:
                     await target.send(
                         key=event.key,
                         value=letter.original.encode(),
-                        headers={ATTEMPT_HEADER: str(letter.attempt).encode()},
+                        headers=[
+                            (ATTEMPT_HEADER, str(letter.attempt).encode()),
+                            *_trace_headers(event),
+                        ],
                     )
                 )
             except SchemaInvalid as exc:
@@ -519,7 +569,11 @@ class Pipeline:
         log.warning("dead-lettered", reason=reason, error=error[:300])
         metrics.DLQ.labels(stage, reason).inc()
         metrics.ITEMS.labels(stage, "dlq").inc()
-        await (await self.dlq.send(key=(record.id or "").encode(), value=encode(record)))
+        await (
+            await self.dlq.send(
+                key=(record.id or "").encode(), value=encode(record), headers=_trace_headers(event)
+            )
+        )
 
     # -- web views and timers -----------------------------------------------------
 
@@ -619,6 +673,14 @@ def _attempt(message: Any) -> int:
             except (TypeError, ValueError, UnicodeDecodeError):
                 return 0
     return 0
+
+
+def _trace_headers(event: Any) -> tracing.Headers:
+    """Trace context for a record produced about `event`: the current span's (a stage
+    routing its record), else the consumed record's own (the retry agent passing it on)."""
+    return tracing.current_headers() or tracing.trace_headers(
+        getattr(event.message, "headers", None)
+    )
 
 
 def _storage_errors(work: Callable[[bytes | None], T]) -> Callable[[bytes | None], T]:

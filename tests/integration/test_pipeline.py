@@ -82,6 +82,17 @@ def _env(services: Services, shared_dir: Path, run: str, port: int) -> dict[str,
     return env
 
 
+HEADERS = "__headers"
+"""Key under which `_collect` keeps each record's Kafka headers."""
+
+
+def _trace_id(record: dict[str, Any]) -> str:
+    """Trace id of a collected record's W3C `traceparent` header (version-traceid-span-flags)."""
+    parent = record[HEADERS].get("traceparent", b"").decode()
+    assert parent.count("-") == 3, f"no traceparent on {record.get('id')}: {record[HEADERS]}"
+    return parent.split("-")[1]
+
+
 def _free_port() -> int:
     import socket
 
@@ -109,7 +120,9 @@ async def _collect(
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=1000)
             for tp, msgs in batch.items():
-                got[tp.topic].extend(json.loads(m.value) for m in msgs)
+                got[tp.topic].extend(
+                    {**json.loads(m.value), HEADERS: dict(m.headers or ())} for m in msgs
+                )
             if want(got) if callable(want) else False:
                 break
     finally:
@@ -184,7 +197,14 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
             alerted = {r["id"] for r in got[alerts_t]}
             return set(ids.values()) <= ended and flagged <= alerted
 
-        got = asyncio.run(_collect(services.bootstrap, [verdicts_t, dlq_t, alerts_t], done, 240))
+        refs_t = f"{run}.media.refs"
+
+        def done_with_refs(got: dict[str, list[dict[str, Any]]]) -> bool:
+            return done(got) and {r["id"] for r in got[refs_t]} >= set(ids.values())
+
+        got = asyncio.run(
+            _collect(services.bootstrap, [refs_t, verdicts_t, dlq_t, alerts_t], done_with_refs, 240)
+        )
         metrics_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=10)
     finally:
@@ -230,6 +250,17 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         assert dlq[ids[refused]]["stage"] == "fetch"
     assert worker.returncode == 0, log_text[-4000:]
 
+    # One trace per ref, from submit to its verdict, alert or dead letter (W3C trace
+    # context in Kafka headers), and the worker's log lines about it carry its trace id.
+    submitted = {r["id"]: _trace_id(r) for r in got[refs_t]}
+    assert len(set(submitted.values())) == len(ids), "each ref starts its own trace"
+    for topic in (verdicts_t, alerts_t, dlq_t):
+        for record in got[topic]:
+            assert _trace_id(record) == submitted[record["id"]], (topic, record["id"])
+    logged = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    verdict_logs = {e.get("id"): e.get("trace_id") for e in logged if e.get("event") == "verdict"}
+    assert verdict_logs[ids["clip"]] == submitted[ids["clip"]]
+
     # The worker's web port serves what an operator scrapes.
     assert ready.status_code == 200 and ready.json()["partitions"] > 0
     from prometheus_client.parser import text_string_to_metric_families
@@ -239,16 +270,32 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         for fam in text_string_to_metric_families(metrics_text)
         for s in fam.samples
     }
-    assert samples[("synthwatch_items_total", (("outcome", "flag"), ("stage", "detect")))] == 3
+    verdict_counts = {
+        (labels["media_type"], labels["decision"], labels["model_set"]): value
+        for (name, pairs), value in samples.items()
+        if name == "synthwatch_verdicts_total" and (labels := dict(pairs))
+    }
+    model_set = verdicts[ids["photo"]]["model_set"]
+    assert verdict_counts[("image", "flag", model_set)] == 2  # the photo, twice
+    assert verdict_counts[("video", "flag", model_set)] == 1
+    assert samples[("synthwatch_alerts_total", (("decision", "flag"),))] >= 3
+    assert samples[("synthwatch_items_total", (("outcome", "ok"), ("stage", "detect")))] == 3
+    assert samples[("synthwatch_end_to_end_seconds_count", (("media_type", "image"),))] == 2
+    assert samples[("synthwatch_decode_seconds_count", (("media_type", "video"),))] >= 1
     dlq_key = ("synthwatch_dlq_total", (("reason", "refused_address"), ("stage", "fetch")))
     assert samples[dlq_key] == 2
     assert (
         samples[("synthwatch_dlq_total", (("reason", "corrupt_media"), ("stage", "detect")))] == 1
     )
     # Three items were scored; their crops may share batches (that is the batcher's job).
-    assert samples[("synthwatch_batch_size_count", ())] >= 1
-    assert samples[("synthwatch_batch_size_sum", ())] >= 3
-    assert samples[("synthwatch_inference_seconds_count", ())] >= 1
+    batch_rows = sum(v for (name, _), v in samples.items() if name == "synthwatch_batch_size_sum")
+    assert batch_rows >= 3
+    fills = [v for (name, _), v in samples.items() if name == "synthwatch_batch_fill_ratio_count"]
+    assert sum(fills) >= 1
+    loaded = {
+        dict(labels)["model"] for (name, labels) in samples if name == "synthwatch_model_info"
+    }
+    assert {"sbi_face", "fingerprint"} <= loaded
 
 
 def _list_keys(s3_client: Any, bucket: str, prefix: str) -> dict[str, str]:
@@ -311,7 +358,11 @@ def test_one_process_per_role_and_a_redelivered_verdict_changes_nothing(
         stored = _list_keys(s3_client, services.bucket, prefix)
         assert any(k.endswith("manifest.json") for k in stored)
 
-        (verdict,) = [v for v in first[verdicts_t] if v["id"] == ref_id]
+        (verdict,) = [
+            {k: v for k, v in rec.items() if k != HEADERS}
+            for rec in first[verdicts_t]
+            if rec["id"] == ref_id
+        ]
 
         async def redeliver() -> None:
             producer = AIOKafkaProducer(bootstrap_servers=services.bootstrap)
