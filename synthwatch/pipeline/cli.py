@@ -1,4 +1,4 @@
-"""The `synthwatch` command line: scan (embedded), worker, submit, topics, models.
+"""The `synthwatch` command line: scan (embedded), worker, submit, topics, models, alerts.
 
 Errors a user can cause (a missing file, an unsupported format, a refused address,
 missing weights) print one line and exit non-zero; they never show a traceback.
@@ -40,6 +40,8 @@ app.add_typer(models_app, name="models")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+alerts_app = typer.Typer(no_args_is_help=True, help="Work with alert.v1 records.")
+app.add_typer(alerts_app, name="alerts")
 
 err = Console(stderr=True)
 out = Console()
@@ -333,20 +335,25 @@ def _print_table(results: list[ScanResult], *, to_stderr: bool) -> None:
     (err if to_stderr else out).print(table)
 
 
-Role = Literal["fetch", "detect", "decide", "all"]
+Role = Literal["fetch", "detect", "decide", "sink", "all"]
 
 
 @app.command()
 @user_errors
 def worker(
-    role: Annotated[str, typer.Option(help="fetch | detect | decide | all")] = "all",
+    role: Annotated[
+        str,
+        typer.Option(help="fetch | detect | decide | sink | all (all: sink when its URL is set)"),
+    ] = "all",
 ) -> None:
     """Run a streaming worker for one role (or all) against Kafka and S3."""
     from synthwatch.pipeline import logging as sw_logging
     from synthwatch.pipeline import topology
 
-    if role not in ("fetch", "detect", "decide", "all"):
-        err.print(f"[bold red]error[/]: unknown role {role!r}: use fetch, detect, decide or all")
+    if role not in ("fetch", "detect", "decide", "sink", "all"):
+        err.print(
+            f"[bold red]error[/]: unknown role {role!r}: use fetch, detect, decide, sink or all"
+        )
         raise typer.Exit(2)
     settings = load_settings()
     sw_logging.configure(settings.log_level, settings.log_json)
@@ -395,7 +402,8 @@ def dlq_replay(
         list[str] | None, typer.Option(help="Only this reason (repeatable), e.g. storage.")
     ] = None,
     stage: Annotated[
-        list[str] | None, typer.Option(help="Only this stage (repeatable): fetch, detect, decide.")
+        list[str] | None,
+        typer.Option(help="Only this stage (repeatable): fetch, detect, decide, sink."),
     ] = None,
     media_id: Annotated[
         list[str] | None, typer.Option("--id", help="Only this media id (repeatable).")
@@ -442,6 +450,54 @@ def dlq_replay(
         )
     verb = "would replay" if dry_run else "replayed"
     err.print(f"{verb} {sent} of {len(done)} matching dead letters", highlight=False)
+
+
+@alerts_app.command("convert")
+@user_errors
+def alerts_convert(
+    file: Annotated[
+        str,
+        typer.Argument(help="alert.v1 JSON lines (e.g. from kafka-console-consumer); - is stdin."),
+    ] = "-",
+    fmt: Annotated[str, typer.Option("--format", help="native | ocsf | splunk_hec")] = "ocsf",
+) -> None:
+    """Print each alert.v1 line as native JSON, an OCSF Detection Finding or a Splunk HEC
+    event, one per line. A bad line is reported on stderr with its line number, the
+    others are still converted, and the exit code is 1."""
+    from rich.markup import escape
+
+    from synthwatch.operators.siem import FORMATS, format_alert
+    from synthwatch.schemas import Alert, decode
+
+    if fmt not in FORMATS:
+        err.print(f"[bold red]error[/]: unknown format {fmt!r}: use {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    sink = load_settings().sink
+    bad = 0
+    with sys.stdin.buffer if file == "-" else open(file, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                alert = decode(line, Alert)
+            except SynthwatchError as exc:
+                bad += 1
+                err.print(
+                    f"[bold red]error[/] ({exc.reason}): line {number}: {escape(str(exc))}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                continue
+            body = format_alert(
+                alert,
+                fmt,
+                sourcetype=sink.splunk_sourcetype,
+                index=sink.splunk_index,
+            )
+            typer.echo(body.decode())
+    if bad:
+        err.print(f"{bad} line(s) not converted", highlight=False)
+        raise typer.Exit(1)
 
 
 @models_app.command("list")

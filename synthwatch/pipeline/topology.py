@@ -40,11 +40,13 @@ from opentelemetry.trace import Span, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from synthwatch.models.registry import ModelStore
+from synthwatch.operators.backoff import backoff
 from synthwatch.operators.errors import SchemaInvalid, StorageFailed, SynthwatchError, is_permanent
 from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.netguard import redact_url
 from synthwatch.operators.store import S3Store, blob_key
+from synthwatch.operators.webhook import Attempt, WebhookSink
 from synthwatch.pipeline import metrics, tracing
 from synthwatch.pipeline.engine import Engine, Item, build_policy, decide
 from synthwatch.pipeline.explain import Explainer, evidence_frames
@@ -52,6 +54,7 @@ from synthwatch.pipeline.faults import FaultPoints
 from synthwatch.pipeline.kafka import client_kwargs
 from synthwatch.pipeline.settings import Settings
 from synthwatch.schemas import (
+    Alert,
     DeadLetter,
     FetchedMedia,
     MediaRef,
@@ -60,9 +63,9 @@ from synthwatch.schemas import (
     encode,
 )
 
-Role = Literal["fetch", "detect", "decide", "all"]
-Stage = Literal["fetch", "detect", "decide"]
-LetterStage = Literal["fetch", "detect", "decide", "retry"]
+Role = Literal["fetch", "detect", "decide", "sink", "all"]
+Stage = Literal["fetch", "detect", "decide", "sink"]
+LetterStage = Literal["fetch", "detect", "decide", "sink", "retry"]
 """Where a record failed: a stage, or the retry agent (a retry record it cannot read)."""
 T = TypeVar("T")
 
@@ -74,17 +77,6 @@ retry-topic attempts it has had."""
 ORIGINAL_MAX_CHARS = 900_000
 """Cap on the consumed record kept in a retry or DLQ record (Kafka's default message
 limit is 1 MB); pipeline records are far smaller, so a replay gets them whole."""
-
-
-def backoff(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with full jitter: uniform in [0, min(max, base * 2^(n-1))].
-
-    Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015) spreads
-    the retries of many workers that failed together, so a recovering dependency is not
-    hit by all of them at the same instant.
-    """
-    ceiling = min(max_s, base_s * 2.0 ** max(0, attempt - 1))
-    return (rng or random).uniform(0.0, ceiling)
 
 
 class Watchdog:
@@ -181,7 +173,12 @@ class Pipeline:
         self.alerts = self._raw_topic(k.topic_alerts)
         self.dlq = self._raw_topic(k.topic_dlq)
         self.retry = self._raw_topic(k.topic_retry)
-        self.stage_topics = {"fetch": self.refs, "detect": self.fetched, "decide": self.verdicts}
+        self.stage_topics = {
+            "fetch": self.refs,
+            "detect": self.fetched,
+            "decide": self.verdicts,
+            "sink": self.alerts,
+        }
         self.pool = ThreadPoolExecutor(
             max_workers=max(2, k.detect_concurrency), thread_name_prefix="sw-work"
         )
@@ -198,6 +195,7 @@ class Pipeline:
         self.engine: Engine | None = None
         self.explainer: Explainer | None = None
         self.fetcher: Fetcher | None = None
+        self.sink: WebhookSink | None = None
         self._wire()
 
     def _raw_topic(self, name: str) -> Any:
@@ -225,6 +223,19 @@ class Pipeline:
             # timeline; the explainer loads a torch module on the first alerting verdict.
             app.agent(self.verdicts, name="decide")(self._stage("decide", self._decide))
             self.stages.add("decide")
+        if role == "sink" or (role == "all" and self.settings.sink.url):
+            # Raises InvalidInput at start when the sink role has no endpoint.
+            self.sink = WebhookSink(
+                self.settings.sink, on_attempt=_count_delivery, host=socket.gethostname()
+            )
+            for outcome in ("delivered", "retried", "dead_lettered"):
+                metrics.SINK_DELIVERIES.labels(self.settings.sink.format, outcome)
+            app.agent(self.alerts, name="sink")(self._stage("sink", self._deliver))
+            self.stages.add("sink")
+        # Series at zero from the start, so a dashboard's rate() sees the first record.
+        for stage in self.stages:
+            for outcome in ("ok", "retry", "dlq"):
+                metrics.ITEMS.labels(stage, outcome)
         # Every role reads the retry topic (one consumer group, so each record is read
         # once) and sends each due record back to its stage's input topic.
         app.agent(self.retry, name="retry")(self._retry_agent)
@@ -237,8 +248,14 @@ class Pipeline:
         app.timer(interval=5.0)(self._probe_dependencies)
         app.task(self._on_start)
 
+    @property
+    def uses_store(self) -> bool:
+        """Whether a stage here reads or writes S3 (the sink only talks to its webhook)."""
+        return bool(self.stages - {"sink"})
+
     async def _on_start(self) -> None:
-        await self._blocking(self.store.ensure_bucket)
+        if self.uses_store:
+            await self._blocking(self.store.ensure_bucket)
 
     def _fetch(self, raw: bytes | None) -> tuple[Any, bytes, bytes] | None:
         # media.refs -> MediaRef -> download, hash, sniff -> blob in S3 -> FetchedMedia
@@ -341,6 +358,15 @@ class Pipeline:
             evidence_created=bundle.created,
         )
         return self.alerts, alert.alert_id.encode(), encode(alert)
+
+    def _deliver(self, raw: bytes | None) -> None:
+        # media.alerts -> Alert -> POST to the webhook (retried there; DeliveryFailed
+        # is permanent, so an undeliverable alert goes to the DLQ with reason `delivery`)
+        alert = decode(raw, Alert)
+        structlog.contextvars.bind_contextvars(id=alert.id, alert_id=alert.alert_id)
+        assert self.sink is not None
+        self.sink.deliver(alert)
+        return None
 
     # -- plumbing shared by every stage ---------------------------------------------
 
@@ -620,7 +646,10 @@ class Pipeline:
         return False
 
     async def _probe_dependencies(self) -> None:
-        for name, check in (("kafka", self._broker_up), ("s3", self._store_up)):
+        checks = [("kafka", self._broker_up)]
+        if self.uses_store:
+            checks.append(("s3", self._store_up))
+        for name, check in checks:
             try:
                 up = await self._probe(check)
             except Exception:  # a timer must never raise (it would crash the app)
@@ -657,6 +686,8 @@ class Pipeline:
             self.engine.close()
         if self.fetcher is not None:
             self.fetcher.close()
+        if self.sink is not None:
+            self.sink.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.probe_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -681,6 +712,10 @@ def _trace_headers(event: Any) -> tracing.Headers:
     return tracing.current_headers() or tracing.trace_headers(
         getattr(event.message, "headers", None)
     )
+
+
+def _count_delivery(attempt: Attempt) -> None:
+    metrics.SINK_DELIVERIES.labels(attempt.format, attempt.outcome).inc()
 
 
 def _storage_errors(work: Callable[[bytes | None], T]) -> Callable[[bytes | None], T]:

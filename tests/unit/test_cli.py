@@ -294,3 +294,14 @@ def test_c2pa_fixtures_are_classified_exactly(model_env: dict[str, str], shared_
     # No manifest: no provenance signal; the models decide.
     assert plain["provenance"]["present"] is False
     assert "c2pa" not in {s["name"] for s in plain["signals"]}
+
+
+def test_a_sink_worker_without_an_endpoint_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("SYNTHWATCH_SINK__URL", raising=False)
+    monkeypatch.setenv("SYNTHWATCH_WORK_DIR", str(tmp_path))
+    result = runner.invoke(app, ["worker", "--role", "sink"])
+    assert result.exit_code == 2
+    assert "SYNTHWATCH_SINK__URL" in result.output
+    assert "Traceback" not in result.output
