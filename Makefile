@@ -8,7 +8,7 @@ SCAN_MEDIA ?= $(SHARED)/media/dev/fake/df00204.jpg $(SHARED)/media/dev/real/real
 	$(SHARED)/media/provenance/c2pa_ai_declared_valid_C.jpg $(SHARED)/media/audio/fake/0ghm5Cqpfwk.mp3
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install scan test reliability bench lint services-start services-stop schemas lock
+.PHONY: install scan test reliability bench lint k8s-validate services-start services-stop schemas lock
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Offline checks of the deployment: render the kustomize overlays, validate them against
+# the Kubernetes API and KEDA CRD schemas, lint the Dockerfile (scripts/validate-k8s).
+k8s-validate: install
+	scripts/validate-k8s
 
 services-start:
 	scripts/services start

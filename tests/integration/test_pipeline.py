@@ -265,10 +265,10 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
     assert ready.status_code == 200 and ready.json()["partitions"] > 0
     from prometheus_client.parser import text_string_to_metric_families
 
+    families = list(text_string_to_metric_families(metrics_text))
+    _check_documented_metrics(families)
     samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(metrics_text)
-        for s in fam.samples
+        (s.name, tuple(sorted(s.labels.items()))): s.value for fam in families for s in fam.samples
     }
     verdict_counts = {
         (labels["media_type"], labels["decision"], labels["model_set"]): value
@@ -296,6 +296,34 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         dict(labels)["model"] for (name, labels) in samples if name == "synthwatch_model_info"
     }
     assert {"sbi_face", "fingerprint"} <= loaded
+
+
+METRICS_LIST = Path(__file__).resolve().parents[2] / "k8s" / "metrics.txt"
+
+
+def _check_documented_metrics(families: list[Any]) -> None:
+    """The worker serves exactly the metrics k8s/metrics.txt lists (the list the Grafana
+    dashboard and docs/OPERATIONS.md are held to), with the listed types and labels."""
+    documented: dict[str, tuple[str, set[str]]] = {}
+    for line in METRICS_LIST.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            name, kind, *labels = fields
+            documented[name] = (kind, set(labels[0].split(",")) if labels else set())
+    served = {}
+    for fam in families:
+        if not fam.name.startswith("synthwatch_"):
+            continue
+        name = f"{fam.name}_total" if fam.type == "counter" else fam.name
+        labels = {k for smp in fam.samples for k in smp.labels if k != "le"}
+        served[name] = (fam.type, labels)
+    assert set(served) == set(documented), (
+        f"undocumented: {sorted(set(served) - set(documented))}, "
+        f"not served: {sorted(set(documented) - set(served))}"
+    )
+    for name, (kind, labels) in served.items():
+        assert kind == documented[name][0], name
+        assert not labels or labels == documented[name][1], (name, labels)
 
 
 def _list_keys(s3_client: Any, bucket: str, prefix: str) -> dict[str, str]:
