@@ -14,7 +14,7 @@ from synthwatch import __version__
 
 # No `*_created` series beside every counter and histogram: Prometheus ignores them in
 # the text format, and they double the series a scrape carries.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
