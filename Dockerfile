@@ -38,11 +38,12 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY synthwatch ./synthwatch
 
 FROM builder AS build-cpu
+# Both targets add the `otlp` extra, so traces can be exported (tracing.otlp_endpoint).
 # torch's CPU-only wheels (no CUDA libraries, about 4 GB smaller). constraints.txt pins
 # torch==2.15.0, which the CPU build's version 2.15.0+cpu satisfies.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" .
+    pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" ".[otlp]"
 
 FROM builder AS build-gpu
 # TensorRT 10 (operators/infer.py uses the TensorRT 10 API), the CUDA 13 build
@@ -53,7 +54,7 @@ ARG TENSORRT_VERSION=10.16.1.11
 ARG NVIDIA_INDEX_URL=https://pypi.nvidia.com
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c constraints.txt --extra-index-url "${NVIDIA_INDEX_URL}" \
-        ".[gpu]" "tensorrt==${TENSORRT_VERSION}"
+        ".[gpu,otlp]" "tensorrt==${TENSORRT_VERSION}"
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="synthwatch" \
