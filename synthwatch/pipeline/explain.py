@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 from torch import nn
 
 from synthwatch.models.mtcnn import Detection
@@ -20,6 +21,7 @@ from synthwatch.models.registry import ModelStore
 from synthwatch.operators import explain as cam
 from synthwatch.operators import faces as faces_op
 from synthwatch.operators import fuse, sandbox
+from synthwatch.operators.errors import ModelUnavailable
 from synthwatch.operators.evidence import EvidenceFrame, Overlay, driving_frames
 from synthwatch.pipeline.settings import Settings
 from synthwatch.pipeline.signals import forensic_overlays
@@ -40,11 +42,34 @@ def _top(signals: Sequence[Signal], modality: str) -> Signal | None:
     return max(members, key=lambda s: s.score, default=None)
 
 
+log = structlog.get_logger("synthwatch.explain")
+
+
 class Explainer:
     def __init__(self, settings: Settings, store: ModelStore) -> None:
         self.settings = settings
         self.store = store
         self._modules: dict[str, nn.Module] = {}
+
+    def explains(self, sig: Signal) -> bool:
+        """Whether this process holds the very weights that scored `sig`.
+
+        In streaming mode the heatmaps are drawn by `decide`, from its own model store,
+        for a verdict `detect` made, possibly with other weights (a canary, a rolling
+        upgrade). A heatmap from other weights, labelled with the verdict's model, would
+        be false evidence, so a mismatch draws none (the frame is still saved)."""
+        try:
+            ours = f"{sig.name}@{self.store.weights_id(sig.name)[:12]}"
+        except ModelUnavailable:
+            ours = ""
+        if ours != sig.model:
+            log.warning(
+                "no heatmap: the verdict's model is not the one loaded here",
+                model=sig.model,
+                loaded=ours or None,
+            )
+            return False
+        return True
 
     def module(self, name: str) -> nn.Module:
         if name not in self._modules:
@@ -60,7 +85,7 @@ class Explainer:
         out: list[Overlay] = []
         if frame.region == "faces":
             sig = _top(verdict.signals, "face")
-            if sig is None:
+            if sig is None or not self.explains(sig):
                 return out
             size = self.store.spec(sig.name).input_shape[-1]
             for i, face in enumerate(frame.faces):
@@ -83,7 +108,7 @@ class Explainer:
                 )
             return out
         sig = _top(verdict.signals, "image")
-        if sig is None or frame.score < review:
+        if sig is None or frame.score < review or not self.explains(sig):
             return out
         h, w = image.shape[:2]
         side = min(h, w, MAX_CAM_SIDE)

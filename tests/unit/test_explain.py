@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,3 +76,33 @@ def test_overlay_renders_at_the_image_size_and_leaves_the_model_unchanged() -> N
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_decide_draws_no_heatmap_from_weights_other_than_the_verdicts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A canary or a rolling upgrade: detect scored with other weights than decide holds.
+    # Its heatmap, drawn from decide's weights but labelled with the verdict's model,
+    # would be false evidence.
+    from synthwatch.models.registry import ModelStore
+    from synthwatch.pipeline.explain import Explainer
+    from synthwatch.pipeline.settings import Settings
+    from synthwatch.schemas import FaceBox, FrameResult, Signal
+
+    store = ModelStore(tmp_path)
+    explainer = Explainer(Settings(model_dir=tmp_path), store)
+    ours = f"sbi_face@{store.weights_id('sbi_face')[:12]}"
+
+    def signal(model: str, name: str = "sbi_face") -> Signal:
+        return Signal(name=name, model=model, score=0.95, weight=1.0, calibrated=True)
+
+    assert explainer.explains(signal(ours))
+    assert not explainer.explains(signal("sbi_face@0123456789ab"))
+    assert not explainer.explains(signal("retired@0123456789ab", name="retired"))
+
+    face = FaceBox(x0=8, y0=8, x1=56, y1=56, confidence=0.99, score=0.95)
+    frame = FrameResult(index=0, time_s=0.0, score=0.95, region="faces", faces=[face])
+    image = np.full((64, 64, 3), 128, dtype=np.uint8)
+
+    other = SimpleNamespace(signals=[signal("sbi_face@0123456789ab")])
+    assert explainer.overlays(other, frame, image) == []  # type: ignore[arg-type]
+    same = SimpleNamespace(signals=[signal(ours)])
+    assert [o.role for o in explainer.overlays(same, frame, image)] == ["heatmap"]  # type: ignore[arg-type]
