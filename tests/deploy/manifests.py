@@ -34,8 +34,33 @@ RENDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gpu": ("k8s/overlays/gpu", ()),
     # What an operator gets by adding the component to the cpu overlay.
     "cpu+alert-sink": ("k8s/overlays/cpu", ("k8s/components/alert-sink",)),
+    # A model canary stacked on each overlay, its image mapped as k8s/README.md shows
+    # ("Canary a model upgrade"; IMAGES below).
+    "cpu+detect-canary": ("k8s/overlays/cpu", ("k8s/components/detect-canary",)),
+    "gpu+detect-canary": ("k8s/overlays/gpu", ("k8s/components/detect-canary",)),
 }
 """Rendered configurations: name -> (overlay, components added on top of it)."""
+
+CANARY_IMAGE = "ghcr.io/synthwatch/synthwatch-canary"
+"""The placeholder image of k8s/components/detect-canary."""
+
+IMAGES: dict[str, list[dict[str, str]]] = {
+    "cpu+detect-canary": [
+        {
+            "name": CANARY_IMAGE,
+            "newName": "ghcr.io/synthwatch/synthwatch",
+            "newTag": "0.1.0-models-2",
+        }
+    ],
+    "gpu+detect-canary": [
+        {
+            "name": CANARY_IMAGE,
+            "newName": "ghcr.io/synthwatch/synthwatch",
+            "newTag": "0.1.0-models-2-gpu",
+        }
+    ],
+}
+"""`images:` of a render's kustomization (name -> entries), for renders with components."""
 
 KEDA_CRD_FILES = {
     "ScaledObject": "keda.sh_scaledobjects.yaml",
@@ -102,7 +127,16 @@ def render(kustomize: str, name: str) -> list[Obj]:
     overlay, components = RENDERS[name]
     target = ROOT / overlay
     if components:
-        target = _wrapper(name, overlay, components)
+        target = wrapper(name, overlay, components, IMAGES.get(name, ()))
+    return build(kustomize, target)
+
+
+def build(kustomize: str, target: Path) -> list[Obj]:
+    """Objects of `kustomize build` of one kustomization directory.
+
+    Raises:
+        RuntimeError: kustomize failed.
+    """
     proc = subprocess.run(
         [*shlex.split(kustomize), str(target)],
         cwd=ROOT,
@@ -116,8 +150,14 @@ def render(kustomize: str, name: str) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-def _wrapper(name: str, overlay: str, components: Sequence[str]) -> Path:
-    """A kustomization = the overlay + components, as an operator would write it.
+def wrapper(
+    name: str,
+    overlay: str,
+    components: Sequence[str],
+    images: Sequence[Mapping[str, str]] = (),
+) -> Path:
+    """A kustomization = the overlay + components (+ `images:`), as an operator would
+    write it.
 
     kustomize refuses absolute paths to other kustomizations, so it lives in the repo
     (under the git-ignored .tools/) and refers to them relatively. The overlay's
@@ -126,15 +166,17 @@ def _wrapper(name: str, overlay: str, components: Sequence[str]) -> Path:
     here = ROOT / ".tools" / "render" / name.replace("+", "-")
     here.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load((ROOT / overlay / "kustomization.yaml").read_text())
-    wrapper: Obj = {
+    kustomization: Obj = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(ROOT / overlay, here)],
         "components": [os.path.relpath(ROOT / c, here) for c in components],
     }
     if spec.get("namespace"):
-        wrapper["namespace"] = spec["namespace"]
-    (here / "kustomization.yaml").write_text(yaml.safe_dump(wrapper, sort_keys=False))
+        kustomization["namespace"] = spec["namespace"]
+    if images:
+        kustomization["images"] = [dict(i) for i in images]
+    (here / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return here
 
 

@@ -2,7 +2,8 @@
 operator would notice: pods that run as root or with a writable root, probes on the wrong
 path, a grace period that cuts a record short, credentials in plain text, GPUs where they
 do not belong, a fetcher that can reach the metadata service, autoscalers on the wrong
-topic, and a dashboard that queries metrics the workers do not serve.
+topic, a dashboard that queries metrics the workers do not serve, and a model canary that
+differs from stable detect in more than its image.
 
 The tools (kustomize, the KEDA CRDs) come from scripts/validate-k8s, which builds or
 downloads them once into .tools/; the overlays are rendered once per module.
@@ -10,12 +11,15 @@ downloads them once into .tools/; the overlays are rendered once per module.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -29,7 +33,16 @@ from tests.deploy import manifests as m
 Obj = dict[str, Any]
 
 ROLES = ("fetch", "detect", "decide")
-ROLES_BY_RENDER = {"cpu": ROLES, "gpu": ROLES, "cpu+alert-sink": (*ROLES, "sink")}
+CANARY = "detect-canary"
+"""Component label of the model canary (k8s/components/detect-canary): a detect worker."""
+ROLES_BY_RENDER = {
+    "cpu": ROLES,
+    "gpu": ROLES,
+    "cpu+alert-sink": (*ROLES, "sink"),
+    "cpu+detect-canary": (*ROLES, CANARY),
+    "gpu+detect-canary": (*ROLES, CANARY),
+}
+CANARY_RENDERS = [name for name, roles in ROLES_BY_RENDER.items() if CANARY in roles]
 UID = 10001
 WEB_PORT = 6066
 DASHBOARD = m.K8S / "grafana" / "synthwatch-dashboard.json"
@@ -73,6 +86,11 @@ def of_kind(objs: Sequence[Obj], kind: str) -> list[Obj]:
 
 def role_of(obj: Mapping[str, Any]) -> str:
     return str(obj["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def worker_role(role: str) -> str:
+    """The `--role` a Deployment's worker runs: the canary is a detect worker."""
+    return "detect" if role == CANARY else role
 
 
 def workers(objs: Sequence[Obj]) -> dict[str, Obj]:
@@ -262,7 +280,7 @@ def test_each_role_runs_as_its_own_worker_deployment(
     for role, deployment in deployments.items():
         container = worker_container(deployment)
         command = [*container.get("command", []), *container.get("args", [])]
-        assert command == ["synthwatch", "worker", "--role", role]
+        assert command == ["synthwatch", "worker", "--role", worker_role(role)]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "synthwatch"
         assert labels["app.kubernetes.io/component"] == role
@@ -372,7 +390,7 @@ def test_grace_period_outlasts_a_record_and_its_commit(
     for role, deployment in workers(rendered[name]).items():
         env = effective_env(rendered[name], worker_container(deployment))
         with monkeypatch.context() as mp:
-            bound = record_bound_s(role, settings_for(env, mp))
+            bound = record_bound_s(worker_role(role), settings_for(env, mp))
         grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
         assert grace > bound, f"{role}: grace {grace} s <= longest record {bound} s"
 
@@ -392,12 +410,19 @@ def test_rollouts_and_drains_never_stall_on_partitions(
     objs = rendered[name]
     budgets = of_kind(objs, "PodDisruptionBudget")
     for role, deployment in workers(objs).items():
-        # KEDA owns the replica count; a surge pod above the partition count never gets a
-        # partition, so never turns ready.
-        assert "replicas" not in deployment["spec"], role
+        # A surge pod above the partition count never gets a partition, so never turns
+        # ready.
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, role
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        (budget,) = [b for b in budgets if selects(b["spec"]["selector"], labels)]
+        matching = [b for b in budgets if selects(b["spec"]["selector"], labels)]
+        if role == CANARY:
+            # One pod: a budget allowing one eviction allows all, one forbidding it would
+            # block every drain (test_canary_is_one_pod_that_keda_does_not_scale).
+            assert not matching, role
+            continue
+        # KEDA owns the replica count.
+        assert "replicas" not in deployment["spec"], role
+        (budget,) = matching
         # At one replica, minAvailable 1 would forbid every node drain.
         assert budget["spec"].get("maxUnavailable") == 1, role
         assert "minAvailable" not in budget["spec"], role
@@ -461,7 +486,7 @@ def test_gpus_go_to_detect_only_and_only_in_the_gpu_overlay(
         pod, container = pod_spec(deployment), worker_container(deployment)
         gpu_limit = container["resources"]["limits"].get("nvidia.com/gpu")
         tolerates = [t for t in pod.get("tolerations", []) if t.get("key") == "nvidia.com/gpu"]
-        on_gpu = name == "gpu" and role == "detect"
+        on_gpu = m.RENDERS[name][0] == "k8s/overlays/gpu" and worker_role(role) == "detect"
         if on_gpu:
             assert str(gpu_limit) == "1"
             assert tolerates and tolerates[0]["effect"] == "NoSchedule"
@@ -608,7 +633,10 @@ def test_each_role_scales_on_the_lag_of_its_own_topic(
     deployments = {d["metadata"]["name"]: d for d in of_kind(objs, "Deployment")}
     auths = {a["metadata"]["name"]: a for a in of_kind(objs, "TriggerAuthentication")}
     scaled = of_kind(objs, "ScaledObject")
-    assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in scaled) == sorted(deployments)
+    # Every role but the canary (one pod, test_canary_is_one_pod_that_keda_does_not_scale).
+    assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in scaled) == sorted(
+        n for n, d in deployments.items() if role_of(d) != CANARY
+    )
     for so in scaled:
         deployment = deployments[so["spec"]["scaleTargetRef"]["name"]]
         role = role_of(deployment)
@@ -652,6 +680,136 @@ def test_each_role_scales_on_the_lag_of_its_own_topic(
             "username": worker_refs["SYNTHWATCH_KAFKA__SASL_USERNAME"],
             "password": worker_refs["SYNTHWATCH_KAFKA__SASL_PASSWORD"],
         }
+
+
+# -- model canary ---------------------------------------------------------------------
+
+
+def canary_and_stable(objs: Sequence[Obj]) -> tuple[Obj, Obj]:
+    deployments = workers(objs)
+    return deployments[CANARY], deployments["detect"]
+
+
+def template_labels(deployment: Mapping[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+@pytest.mark.parametrize("name", CANARY_RENDERS)
+def test_canary_pods_are_not_stable_detect_pods(rendered: dict[str, list[Obj]], name: str) -> None:
+    objs = rendered[name]
+    canary, stable = canary_and_stable(objs)
+    canary_labels, stable_labels = template_labels(canary), template_labels(stable)
+    assert canary_labels["synthwatch.io/track"] == "canary"
+    assert canary["metadata"]["labels"] == canary_labels
+    # Neither Deployment adopts the other's pods.
+    assert selects(canary["spec"]["selector"], canary_labels)
+    assert not selects(stable["spec"]["selector"], canary_labels)
+    assert not selects(canary["spec"]["selector"], stable_labels)
+    # KEDA scales the stable Deployment, whose selector (what its HPA counts) leaves the
+    # canary out; the stable budget does not count it either.
+    targets = [s["spec"]["scaleTargetRef"]["name"] for s in of_kind(objs, "ScaledObject")]
+    assert stable["metadata"]["name"] in targets
+    for budget in of_kind(objs, "PodDisruptionBudget"):
+        assert not selects(budget["spec"]["selector"], canary_labels), budget["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", CANARY_RENDERS)
+def test_canary_is_one_pod_that_keda_does_not_scale(
+    rendered: dict[str, list[Obj]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objs = rendered[name]
+    canary, stable = canary_and_stable(objs)
+    assert canary["spec"]["replicas"] == 1
+    scalers = [o for o in objs if o["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")]
+    by_target = {s["spec"]["scaleTargetRef"]["name"]: s for s in scalers}
+    assert canary["metadata"]["name"] not in by_target
+    # Stable detect at its ceiling plus the canary fit the partitions of media.fetched (a
+    # member beyond them would get none and never turn ready), and the canary takes no
+    # more than its own from the stable pods.
+    with monkeypatch.context() as mp:
+        s = settings_for(effective_env(objs, worker_container(stable)), mp)
+    ceiling = by_target[stable["metadata"]["name"]]["spec"]["maxReplicaCount"]
+    assert ceiling + canary["spec"]["replicas"] == s.kafka.partitions
+    # The other roles' scaling is the overlay's.
+    overlay = next(n for n, (o, c) in m.RENDERS.items() if not c and o == m.RENDERS[name][0])
+    plain = {s["metadata"]["name"]: s for s in of_kind(rendered[overlay], "ScaledObject")}
+    for target, scaler in by_target.items():
+        if target != stable["metadata"]["name"]:
+            assert scaler == plain[scaler["metadata"]["name"]], target
+
+
+@pytest.mark.parametrize("name", CANARY_RENDERS)
+def test_canary_runs_stable_detects_pod_spec_with_its_own_image(
+    rendered: dict[str, list[Obj]], name: str
+) -> None:
+    objs = rendered[name]
+    canary, stable = canary_and_stable(objs)
+    canary_pod, stable_pod = copy.deepcopy(pod_spec(canary)), copy.deepcopy(pod_spec(stable))
+    canary_image = canary_pod["containers"][0].pop("image")
+    stable_image = stable_pod["containers"][0].pop("image")
+    # Everything but the image: security contexts, probes, resources, environment,
+    # volumes, grace period and, on GPU, the placement.
+    assert canary_pod == stable_pod
+    (mapping,) = m.IMAGES[name]
+    assert canary_image == f"{mapping['newName']}:{mapping['newTag']}" != stable_image
+
+    def rest(d: Mapping[str, Any]) -> Obj:
+        return {k: v for k, v in d["spec"].items() if k not in ("replicas", "selector", "template")}
+
+    assert rest(canary) == rest(stable)
+    assert template_labels(canary) == {
+        **template_labels(stable),
+        "app.kubernetes.io/component": CANARY,
+        "synthwatch.io/track": "canary",
+    }
+    # The stable Deployment is the overlay's, untouched.
+    overlay = next(n for n, (o, c) in m.RENDERS.items() if not c and o == m.RENDERS[name][0])
+    assert stable == workers(rendered[overlay])["detect"]
+
+
+def test_canary_image_is_the_placeholder_until_mapped(tools: m.Tools) -> None:
+    overlay, components = m.RENDERS["cpu+detect-canary"]
+    objs = m.build(tools.kustomize, m.wrapper("cpu+detect-canary-unmapped", overlay, components))
+    canary = workers(objs)[CANARY]
+    assert worker_container(canary)["image"] == m.CANARY_IMAGE
+    # Only the canary uses the placeholder, so mapping it changes nothing else.
+    images = [c["image"] for _, c in all_containers(objs)]
+    assert images.count(m.CANARY_IMAGE) == 1
+    assert not any(i.startswith(m.CANARY_IMAGE) for i in images if i != m.CANARY_IMAGE)
+
+
+@pytest.mark.parametrize("name", CANARY_RENDERS)
+def test_canary_is_held_to_detects_network_policies(
+    rendered: dict[str, list[Obj]], name: str
+) -> None:
+    objs = rendered[name]
+    canary, stable = canary_and_stable(objs)
+    for kind in ("Egress", "Ingress"):
+        got = [p["metadata"]["name"] for p in policies_for(objs, template_labels(canary), kind)]
+        want = [p["metadata"]["name"] for p in policies_for(objs, template_labels(stable), kind)]
+        assert got and got == want, kind
+    egress = policies_for(objs, template_labels(canary), "Egress")
+    assert namespaces_reached(egress) == {"kube-system", "kafka", "object-store"}
+    for ip in PUBLIC + PRIVATE:
+        assert not egress_allows_ip(egress, ip), ip
+
+
+def test_readme_canary_kustomization_is_the_tested_one(
+    rendered: dict[str, list[Obj]], tools: m.Tools, tmp_path: Path
+) -> None:
+    # The kustomization k8s/README.md tells an operator to write, where it says to write
+    # it, renders what the canary tests check.
+    readme = (m.K8S / "README.md").read_text()
+    section = readme.split("## Canary a model upgrade\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(
+        r"cat > k8s/overlays/canary/kustomization.yaml <<'EOF'\n(.*?)\n *EOF\n", section, re.S
+    )
+    shutil.copytree(m.K8S, tmp_path / "k8s")
+    here = tmp_path / "k8s" / "overlays" / "canary"
+    here.mkdir()
+    (here / "kustomization.yaml").write_text(textwrap.dedent(block))
+    assert m.build(tools.kustomize, here) == rendered["cpu+detect-canary"]
 
 
 # -- dashboard ------------------------------------------------------------------------
