@@ -441,7 +441,9 @@ class _Topic:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, bytes]] = []
 
-    async def send(self, *, key: bytes, value: bytes) -> asyncio.Future[None]:
+    async def send(
+        self, *, key: bytes, value: bytes, headers: object = None
+    ) -> asyncio.Future[None]:
         self.sent.append((key, value))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
