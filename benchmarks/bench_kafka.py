@@ -198,8 +198,8 @@ class Run:
             w.stop()
 
     def submit(self, urls: list[str]) -> dict[str, float]:
-        """Produce one MediaRef per URL, spread evenly over the partitions; id -> the
-        submit time it carries."""
+        """Produce one MediaRef per URL, spread evenly over the partitions of every stage
+        (`_id_on_partition`); id -> the submit time it carries."""
         return asyncio.run(self._submit(urls))
 
     async def _submit(self, urls: list[str]) -> dict[str, float]:
@@ -213,7 +213,10 @@ class Run:
         try:
             for i, url in enumerate(urls):
                 ref = MediaRef(
-                    id=uuid.uuid4().hex, url=url, source="bench", submitted_at=time.time()
+                    id=_id_on_partition(i % self.partitions, self.partitions),
+                    url=url,
+                    source="bench",
+                    submitted_at=time.time(),
                 )
                 await producer.send_and_wait(
                     self.topic("refs"),
@@ -286,6 +289,20 @@ class KafkaResult:
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies, q))
+
+
+def _id_on_partition(partition: int, partitions: int) -> str:
+    """A media id that Kafka's default partitioner (murmur2 of the key, as in the Java
+    client and aiokafka) puts on `partition`. Every stage keys its record by the media id,
+    so refs spread round-robin stay spread on media.fetched and media.verdicts too; with
+    random ids a few dozen items split unevenly between two workers' partitions, and the
+    scaling pair would measure that luck instead of the workers."""
+    from aiokafka.partitioner import murmur2
+
+    while True:
+        candidate = uuid.uuid4().hex
+        if (murmur2(candidate.encode()) & 0x7FFFFFFF) % partitions == partition:
+            return candidate
 
 
 def measure_kafka(
