@@ -40,7 +40,7 @@ SIGNED_URL = (
 SECRET_PIECES = ("hunter2pw", "AKIAEXAMPLEKEYID", "deadbeefsig0123")
 
 # Attributes of OCSF 1.5.0 that py-ocsf-models 0.10.0 does not model (its evidence
-# object has `file` as a TODO), so its validation drops them; checked separately below.
+# object leaves `file` unmodelled), so its validation drops them; checked separately below.
 SPEC_ONLY = {"evidences[0].file", "evidences[1].file"}
 
 

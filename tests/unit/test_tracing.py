@@ -102,7 +102,8 @@ def test_spans_reach_an_otlp_collector_when_one_is_configured(collector: str) ->
         from synthwatch.pipeline import tracing
         tracing.setup({collector!r})
         with tracing.span("synthwatch.detect", parent=[("traceparent", {PARENT!r}.encode())]):
-            pass
+            headers = dict(tracing.current_headers())
+        assert headers["traceparent"].split(b"-")[1] == {PARENT.split("-")[1]!r}.encode()
         trace.get_tracer_provider().shutdown()
         """
     )
