@@ -30,6 +30,7 @@ import pytest
 from synthwatch.operators.webhook import verify_signature
 from synthwatch.schemas import Alert, Segment, encode
 from tests.integration.conftest import Services
+from tests.private_services import free_port
 
 SECRET = "whsec-integration-5e1f"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -159,7 +160,7 @@ def test_sink_delivers_signed_findings_retries_and_dead_letters_what_is_refused(
 ) -> None:
     url, state = receiver
     run = f"sink{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         {
@@ -263,11 +264,3 @@ def test_sink_delivers_signed_findings_retries_and_dead_letters_what_is_refused(
         if s.name == "synthwatch_sink_deliveries_total" and s.labels.get("format") == "ocsf"
     }
     assert counts == {"delivered": 2, "retried": 1, "dead_lettered": 1}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
