@@ -716,6 +716,11 @@ def _trace_headers(event: Any) -> tracing.Headers:
 
 def _count_delivery(attempt: Attempt) -> None:
     metrics.SINK_DELIVERIES.labels(attempt.format, attempt.outcome).inc()
+    # The endpoint is up when it answered this attempt with anything but a sign of its
+    # own trouble (no answer, 408, 429, 5xx): a 400 for one alert is that alert's fault.
+    status = attempt.status
+    down = status is None or status in (408, 429) or status >= 500
+    metrics.DEPENDENCY_UP.labels("sink").set(0 if down else 1)
 
 
 def _storage_errors(work: Callable[[bytes | None], T]) -> Callable[[bytes | None], T]:

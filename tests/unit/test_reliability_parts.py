@@ -80,3 +80,20 @@ def test_watchdog_reports_a_stall_only_while_work_is_pending() -> None:
 )
 def test_attempt_header_is_read_defensively(headers: object, expected: int) -> None:
     assert _attempt(SimpleNamespace(headers=headers)) == expected
+
+
+def test_the_sink_endpoint_reads_down_only_on_signs_of_its_own_trouble() -> None:
+    from synthwatch.operators.webhook import Attempt
+    from synthwatch.pipeline import metrics
+    from synthwatch.pipeline.topology import _count_delivery
+
+    gauge = metrics.DEPENDENCY_UP.labels("sink")
+    for status, outcome, up in [
+        (200, "delivered", 1),
+        (503, "retried", 0),
+        (None, "retried", 0),  # refused, timed out
+        (400, "dead_lettered", 1),  # this alert's fault: the endpoint answered
+        (429, "retried", 0),
+    ]:
+        _count_delivery(Attempt(1, outcome, "ocsf", status, "x"))  # type: ignore[arg-type]
+        assert gauge._value.get() == up, status
