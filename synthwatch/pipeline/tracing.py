@@ -124,9 +124,9 @@ def span(
             name, kind=kind, attributes=dict(attributes or {})
         ) as current:
             tid = trace_id(current)
-            if tid:
-                structlog.contextvars.bind_contextvars(trace_id=tid)
-            yield current
+            # Bound for the block only: a caller's later lines do not inherit this trace.
+            with structlog.contextvars.bound_contextvars(**({"trace_id": tid} if tid else {})):
+                yield current
     finally:
         if token is not None:
             otel_context.detach(token)

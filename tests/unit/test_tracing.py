@@ -123,3 +123,13 @@ def test_spans_reach_an_otlp_collector_when_one_is_configured(collector: str) ->
         a.key: a.value.string_value for rs in request.resource_spans for a in rs.resource.attributes
     }
     assert attrs["service.name"] == "synthwatch"
+
+
+def test_log_lines_carry_the_trace_id_inside_the_span_only() -> None:
+    import structlog
+
+    structlog.contextvars.clear_contextvars()
+    with tracing.span("synthwatch.fetch"):
+        inside = structlog.contextvars.get_contextvars().get("trace_id")
+        assert inside == tracing.trace_id()
+    assert "trace_id" not in structlog.contextvars.get_contextvars()
