@@ -23,9 +23,13 @@
 # Pinned by tag; pin the digest too (`docker buildx imagetools inspect`) when releasing.
 ARG PYTHON_IMAGE=python:3.11.17-slim-bookworm
 
-# Weights baked into /models: empty unless the build gets a `models` context, which then
-# replaces this stage (docker build --build-context models=DIR).
-FROM scratch AS models
+# Weights baked into /models: empty unless the build names them, either as a folder
+# (`--build-context models=DIR`, which replaces this stage) or as an image holding them
+# at its root (`--build-arg MODELS_IMAGE=registry.example.com/synthwatch-models:2026-12`,
+# e.g. built `FROM scratch` + `COPY weights/ /`), so a CI system can bake a versioned
+# model set without the weights in its build context.
+ARG MODELS_IMAGE=scratch
+FROM ${MODELS_IMAGE} AS models
 
 FROM ${PYTHON_IMAGE} AS builder
 # pip compiles the bytecode at install: the read-only runtime could not write it later.
