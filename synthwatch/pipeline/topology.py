@@ -187,6 +187,8 @@ class Pipeline:
         self.probe_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sw-probe")
         self.faults = FaultPoints(settings.fault_points)
         self.watchdog = Watchdog(settings.health.stall_s)
+        self.lag_reported: set[tuple[str, str]] = set()
+        """(topic, partition) label sets of `synthwatch_consumer_lag` this worker serves."""
         self.down: dict[str, str] = {}
         """Dependencies found unreachable (name -> why); readiness is false while any is."""
         self.stages: set[Stage] = set()
@@ -671,6 +673,12 @@ class Pipeline:
 
     async def _measure_lag(self) -> None:
         consumer = self.app.consumer
+        assigned = {(tp.topic, str(tp.partition)) for tp in consumer.assignment()}
+        # A partition handed to another member in a rebalance is that member's to
+        # report: a series left at its last value here would count its lag twice.
+        for gone in self.lag_reported - assigned:
+            metrics.CONSUMER_LAG.remove(*gone)
+        self.lag_reported &= assigned
         for tp in consumer.assignment():
             # faust keeps the committed offsets in a private map and offers no accessor.
             committed = getattr(consumer, "_committed_offset", {}).get(tp)
@@ -680,6 +688,7 @@ class Pipeline:
                 continue
             lag = max(0, highwater - position)
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+            self.lag_reported.add((tp.topic, str(tp.partition)))
 
     def close(self) -> None:
         if self.engine is not None:

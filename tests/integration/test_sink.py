@@ -265,4 +265,4 @@ def test_sink_delivers_signed_findings_retries_and_dead_letters_what_is_refused(
     }
     assert counts == {"delivered": 2, "retried": 1, "dead_lettered": 1}
     # The endpoint answered the last attempt (a 400 for that alert): it is up.
-    assert "synthwatch_dependency_up{dependency=\"sink\"} 1.0" in metrics_text
+    assert 'synthwatch_dependency_up{dependency="sink"} 1.0' in metrics_text

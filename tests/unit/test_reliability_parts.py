@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -97,3 +98,45 @@ def test_the_sink_endpoint_reads_down_only_on_signs_of_its_own_trouble() -> None
     ]:
         _count_delivery(Attempt(1, outcome, "ocsf", status, "x"))  # type: ignore[arg-type]
         assert gauge._value.get() == up, status
+
+
+def test_lag_of_a_partition_lost_in_a_rebalance_is_no_longer_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    from collections import namedtuple
+
+    from prometheus_client import generate_latest
+
+    from synthwatch.pipeline.settings import Settings
+    from synthwatch.pipeline.topology import Pipeline
+
+    TP = namedtuple("TP", "topic partition")
+    assignment = {TP("lagtest.fetched", 0), TP("lagtest.fetched", 1)}
+
+    class Consumer:
+        def __init__(self) -> None:
+            self._committed_offset = {tp: 5 for tp in assignment}
+
+        def assignment(self) -> set[object]:
+            return assignment
+
+        def highwater(self, tp: object) -> int:
+            return 12
+
+        async def position(self, tp: object) -> int:
+            return 5
+
+    pipeline = Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
+    monkeypatch.setattr(type(pipeline.app), "consumer", property(lambda self: Consumer()))
+    try:
+        asyncio.run(pipeline._measure_lag())
+        text = generate_latest().decode()
+        assert 'synthwatch_consumer_lag{partition="1",topic="lagtest.fetched"} 7.0' in text
+        assignment.discard(TP("lagtest.fetched", 1))  # handed to another worker
+        asyncio.run(pipeline._measure_lag())
+        text = generate_latest().decode()
+        assert 'synthwatch_consumer_lag{partition="0",topic="lagtest.fetched"} 7.0' in text
+        assert 'partition="1",topic="lagtest.fetched"' not in text
+    finally:
+        pipeline.close()
