@@ -2,11 +2,13 @@
 operator would notice: pods that run as root or with a writable root, probes on the wrong
 path, a grace period that cuts a record short, credentials in plain text, GPUs where they
 do not belong, a fetcher that can reach the metadata service, autoscalers on the wrong
-topic, a dashboard that queries metrics the workers do not serve, and a model canary that
-differs from stable detect in more than its image.
+topic, a dashboard that queries metrics the workers do not serve, a model canary that
+differs from stable detect in more than its image, and Prometheus Operator objects that
+scrape the wrong thing or alert on series nobody serves (or never alert).
 
-The tools (kustomize, the KEDA CRDs) come from scripts/validate-k8s, which builds or
-downloads them once into .tools/; the overlays are rendered once per module.
+The tools (kustomize, the KEDA and Prometheus Operator CRDs, promtool) come from
+scripts/validate-k8s, which builds or downloads them once into .tools/; the overlays are
+rendered once per module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+import yaml
 from pydantic import BaseModel, SecretStr
 
 from synthwatch.pipeline.settings import ModelSettings, Settings
@@ -41,8 +44,11 @@ ROLES_BY_RENDER = {
     "cpu+alert-sink": (*ROLES, "sink"),
     "cpu+detect-canary": (*ROLES, CANARY),
     "gpu+detect-canary": (*ROLES, CANARY),
+    "cpu+prometheus-operator": ROLES,
 }
 CANARY_RENDERS = [name for name, roles in ROLES_BY_RENDER.items() if CANARY in roles]
+PROMETHEUS_OPERATOR = "k8s/components/prometheus-operator"
+OPERATOR_RENDERS = [name for name, (_, c) in m.RENDERS.items() if PROMETHEUS_OPERATOR in c]
 UID = 10001
 WEB_PORT = 6066
 DASHBOARD = m.K8S / "grafana" / "synthwatch-dashboard.json"
@@ -75,6 +81,20 @@ def keda_crds(tools: m.Tools) -> Path:
     if not tools.keda_crds:
         pytest.skip(f"KEDA CRDs could not be obtained: {tools.errors[-500:]}")
     return Path(tools.keda_crds)
+
+
+@pytest.fixture(scope="module")
+def prometheus_operator_crds(tools: m.Tools) -> Path:
+    if not tools.prometheus_operator_crds:
+        pytest.skip(f"Prometheus Operator CRDs could not be obtained: {tools.errors[-500:]}")
+    return Path(tools.prometheus_operator_crds)
+
+
+@pytest.fixture(scope="module")
+def promtool(tools: m.Tools) -> str:
+    if not tools.promtool:
+        pytest.skip(f"promtool could not be built: {tools.errors[-500:]}")
+    return tools.promtool
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -253,13 +273,7 @@ def record_bound_s(role: str, s: Settings) -> float:
 
 def metric_catalogue() -> dict[str, str]:
     """k8s/metrics.txt: name -> type."""
-    out: dict[str, str] = {}
-    for line in METRICS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, kind, *_ = line.split()
-            out[name] = kind
-    return out
+    return {name: metric.kind for name, metric in m.metric_catalogue(METRICS).items()}
 
 
 def dashboard_exprs(dashboard: Mapping[str, Any]) -> Iterator[tuple[Obj, str]]:
@@ -292,7 +306,7 @@ def test_each_role_runs_as_its_own_worker_deployment(
 def test_core_objects_pass_kubernetes_validate_strict(
     rendered: dict[str, list[Obj]], tools: m.Tools, name: str
 ) -> None:
-    core = [o for o in rendered[name] if not m.is_keda(o)]
+    core = [o for o in rendered[name] if not m.is_custom(o)]
     assert core
     errors = [e for o in core for e in m.validate_core(o, tools.kubernetes_version)]
     assert not errors, "\n".join(errors)
@@ -902,6 +916,325 @@ def test_dashboard_ships_as_a_grafana_sidecar_configmap(
     assert json.loads(config["data"]["synthwatch-dashboard.json"]) == json.loads(
         DASHBOARD.read_text()
     )
+
+
+# -- Prometheus Operator --------------------------------------------------------------
+
+OPERATIONS = m.ROOT / "docs" / "OPERATIONS.md"
+JOB = "synthwatch"
+"""The job label of every series scraped through the ServiceMonitor (its jobLabel)."""
+SEVERITIES = ("critical", "warning", "info")
+ALERTS = {
+    "SynthwatchLagGrowingAtCeiling",
+    "SynthwatchDeadLettersOurFault",
+    "SynthwatchSinkDeadLettering",
+    "SynthwatchDependencyDown",
+    "SynthwatchEndToEndLatencyHigh",
+    "SynthwatchBatchFillLowUnderLoad",
+    "SynthwatchPipelineStalled",
+    "SynthwatchTargetDown",
+    "SynthwatchMetricsAbsent",
+}
+"""What an operator needs to be told about (docs/OPERATIONS.md, "Read the dashboard")."""
+DURATION = re.compile(r"([0-9]+)(ms|s|m|h|d|w|y)")
+SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def seconds(duration: str) -> float:
+    parts = DURATION.findall(duration)
+    assert "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(int(n) * SECONDS[u] for n, u in parts)
+
+
+def monitoring_objects(objs: Sequence[Obj]) -> tuple[Obj, Obj]:
+    (monitor,) = of_kind(objs, "ServiceMonitor")
+    (rule,) = of_kind(objs, "PrometheusRule")
+    return monitor, rule
+
+
+def markdown_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (fenced code left out)."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"^#{1,6} (.+)$", line)):
+            text = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower())
+            anchors.add(text.replace(" ", "-"))
+    return anchors
+
+
+def docs_base_url() -> str:
+    """Where the repository's files are browsed: the image's source label, branch main."""
+    (source,) = re.findall(
+        r'org\.opencontainers\.image\.source="([^"]+)"', (m.ROOT / "Dockerfile").read_text()
+    )
+    return f"{source}/blob/main/"
+
+
+@pytest.mark.parametrize("name", list(m.RENDERS))
+def test_prometheus_operator_objects_come_only_with_the_component(
+    rendered: dict[str, list[Obj]], name: str
+) -> None:
+    kinds = sorted(o["kind"] for o in rendered[name] if m.is_prometheus_operator(o))
+    if name in OPERATOR_RENDERS:
+        assert kinds == ["PrometheusRule", "ServiceMonitor"]
+    else:
+        # Opt-in: a cluster without the operator's CRDs would refuse them.
+        assert kinds == []
+
+
+@pytest.mark.parametrize("name", OPERATOR_RENDERS)
+def test_prometheus_operator_objects_are_valid_against_the_crds(
+    rendered: dict[str, list[Obj]], prometheus_operator_crds: Path, tools: m.Tools, name: str
+) -> None:
+    objs = [o for o in rendered[name] if m.is_prometheus_operator(o)]
+    crds, version = prometheus_operator_crds, tools.kubernetes_version
+    errors = [e for o in objs for e in m.validate_prometheus_operator(o, crds, version)]
+    assert not errors, "\n".join(errors)
+    # The validation is strict: a misspelt field is an error, as the API server's strict
+    # field validation makes it.
+    monitor = copy.deepcopy(monitoring_objects(rendered[name])[0])
+    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
+    assert m.validate_prometheus_operator(
+        monitor, prometheus_operator_crds, tools.kubernetes_version
+    )
+
+
+@pytest.mark.parametrize("name", OPERATOR_RENDERS)
+def test_service_monitor_scrapes_every_worker_through_the_metrics_service(
+    rendered: dict[str, list[Obj]], name: str
+) -> None:
+    objs = rendered[name]
+    monitor, rule = monitoring_objects(objs)
+    (service,) = of_kind(objs, "Service")
+    spec = monitor["spec"]
+    # It selects the metrics Service, in its own namespace.
+    assert "namespaceSelector" not in spec
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert selects(spec["selector"], service["metadata"]["labels"])
+    # The job the rules query is the Service's jobLabel value.
+    assert service["metadata"]["labels"][spec["jobLabel"]] == JOB
+    annotations = service["metadata"]["annotations"]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    (endpoint,) = spec["endpoints"]
+    # The port by name, on the Service, where every worker serves /metrics.
+    assert endpoint["port"] in ports
+    assert ports[endpoint["port"]]["port"] == WEB_PORT
+    assert endpoint["path"] == annotations["prometheus.io/path"] == "/metrics"
+    assert endpoint.get("scheme", "http") == annotations["prometheus.io/scheme"]
+    # Every worker (the sink and a canary too) is behind that Service, each with a role.
+    for deployment in of_kind(objs, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects({"matchLabels": service["spec"]["selector"]}, labels)
+        assert labels["app.kubernetes.io/component"]
+        ports_of = {p["name"] for p in worker_container(deployment)["ports"]}
+        assert ports[endpoint["port"]]["targetPort"] in ports_of
+    # Every series keeps the namespace and pod it came from, and the pod's role.
+    relabeled = {
+        r["targetLabel"]: r["sourceLabels"]
+        for r in endpoint["relabelings"]
+        if r.get("action", "replace") == "replace"
+    }
+    assert relabeled == {
+        "namespace": ["__meta_kubernetes_namespace"],
+        "pod": ["__meta_kubernetes_pod_name"],
+        "role": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+    }
+    assert endpoint.get("honorLabels", False) is False
+    assert 0 < seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"]) <= 60
+    # One Prometheus picks up both, by the same release label.
+    assert monitor["metadata"]["labels"]["release"] == rule["metadata"]["labels"]["release"]
+
+
+@pytest.mark.parametrize("name", OPERATOR_RENDERS)
+def test_rules_query_only_served_metrics_with_their_labels(
+    rendered: dict[str, list[Obj]], name: str
+) -> None:
+    monitor, rule = monitoring_objects(rendered[name])
+    targets = m.target_labels(monitor)
+    assert {"namespace", "pod", "role", "job"} <= targets
+    errors = m.rule_name_errors(rule["spec"], m.metric_catalogue(METRICS), targets)
+    assert not errors, "\n".join(errors)
+    recorded = {r["record"] for r in m.rules(rule["spec"]) if "record" in r}
+    for r in m.rules(rule["spec"]):
+        for selector in m.promql_names(str(r["expr"])).selectors:
+            # Scraped series only from the ServiceMonitor's job, not another job that
+            # happens to serve a metric of the same name.
+            if selector.name not in recorded:
+                assert ("job", "=", JOB) in selector.matchers, (r.get("alert"), selector)
+
+
+def test_rule_name_check_catches_unserved_metrics_and_labels() -> None:
+    spec = {
+        "groups": [
+            {
+                "name": "bad",
+                "rules": [
+                    {"record": "ns:x:sum", "expr": "sum by (namespace) (synthwatch_alerts_total)"},
+                    {
+                        "alert": "Bad",
+                        "expr": 'sum by (topc) (synthwatch_consumer_lag{stage="x"})'
+                        " + kube_pod_info + synthwatch_batch_size"
+                        ' + ns:x:sum{decision="flag"} + ns:y:sum',
+                    },
+                ],
+            }
+        ]
+    }
+    errors = m.rule_name_errors(spec, m.metric_catalogue(METRICS), {"job", "namespace"})
+    assert len(errors) == 6, errors
+    for fragment in (
+        "synthwatch_consumer_lag has no label 'stage'",
+        "kube_pod_info is neither",
+        "synthwatch_batch_size is neither",  # a histogram is served as _bucket/_sum/_count
+        "ns:x:sum has no label 'decision'",
+        "ns:y:sum is neither",
+        "groups by 'topc'",
+    ):
+        assert any(fragment in e for e in errors), fragment
+
+
+@pytest.mark.parametrize("name", OPERATOR_RENDERS)
+def test_rules_pass_promtool_check_and_their_unit_tests(
+    rendered: dict[str, list[Obj]], promtool: str, name: str
+) -> None:
+    _, rule = monitoring_objects(rendered[name])
+    errors = m.promtool_errors(promtool, rule["spec"])
+    assert not errors, "\n".join(errors)
+    # promtool passes a test of an alert that does not exist as long as it expects no
+    # alert: every alert tested must be a rule. promtool compares the whole set of firing
+    # alerts at each eval_time, so the healthy series beside the crafted ones are shown
+    # silent; these are shown firing.
+    tests = yaml.safe_load(m.RULE_TESTS.read_text())
+    alerts = {r["alert"] for r in m.rules(rule["spec"]) if "alert" in r}
+    tested = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
+    assert {c["alertname"] for c in tested} <= alerts
+    assert {c["alertname"] for c in tested if c.get("exp_alerts")} >= {
+        "SynthwatchLagGrowingAtCeiling",
+        "SynthwatchDeadLettersOurFault",
+        "SynthwatchPipelineStalled",
+        "SynthwatchDependencyDown",
+        "SynthwatchEndToEndLatencyHigh",
+    }
+    assert tests["rule_files"] == [m.RULES_FILE]
+
+
+def test_promtool_unit_tests_fail_on_a_broken_rule(
+    rendered: dict[str, list[Obj]], promtool: str
+) -> None:
+    # The unit tests are not vacuous: without the `for`, a dependency that missed its
+    # probes for 3 minutes pages, and the test says so.
+    _, rule = monitoring_objects(rendered[OPERATOR_RENDERS[0]])
+    spec = copy.deepcopy(rule["spec"])
+    (down,) = [r for r in m.rules(spec) if r.get("alert") == "SynthwatchDependencyDown"]
+    del down["for"]
+    errors = m.promtool_errors(promtool, spec)
+    assert len(errors) == 1 and "SynthwatchDependencyDown" in errors[0], errors
+
+
+@pytest.mark.parametrize("name", OPERATOR_RENDERS)
+def test_alerts_say_how_bad_what_happened_and_what_to_do(
+    rendered: dict[str, list[Obj]], name: str
+) -> None:
+    _, rule = monitoring_objects(rendered[name])
+    anchors = markdown_anchors(OPERATIONS)
+    base = docs_base_url() + OPERATIONS.relative_to(m.ROOT).as_posix() + "#"
+    alerts = [r for r in m.rules(rule["spec"]) if "alert" in r]
+    assert {a["alert"] for a in alerts} == ALERTS
+    for alert in alerts:
+        where = alert["alert"]
+        # Pending long enough to mean it, not a scrape's hiccup.
+        assert seconds(alert["for"]) >= 60, where
+        assert alert["labels"]["severity"] in SEVERITIES, where
+        notes = alert["annotations"]
+        assert set(notes) == {"summary", "description", "runbook_url"}, where
+        assert notes["summary"].strip() and len(notes["description"]) > len(notes["summary"])
+        assert notes["runbook_url"].startswith(base), where
+        assert notes["runbook_url"].removeprefix(base) in anchors, where
+    for record in (r for r in m.rules(rule["spec"]) if "record" in r):
+        # level:metric:operations, and nothing only an alert may have.
+        assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", record["record"]), record
+        assert not {"for", "labels", "annotations"} & set(record), record["record"]
+
+
+@pytest.mark.parametrize("name", OPERATOR_RENDERS)
+def test_operations_md_lists_every_alert(rendered: dict[str, list[Obj]], name: str) -> None:
+    _, rule = monitoring_objects(rendered[name])
+    section = OPERATIONS.read_text().split("## Read the dashboard\n", 1)[1].split("\n## ", 1)[0]
+    for alert in (r for r in m.rules(rule["spec"]) if "alert" in r):
+        assert f"`{alert['alert']}`" in section, alert["alert"]
+        assert f"({alert['labels']['severity']})" in section.split(f"`{alert['alert']}`")[1][:40]
+
+
+def test_rule_topics_are_the_topics_the_roles_consume(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    # The rules name topics (as the ScaledObjects do): each role's pods must be counted
+    # as consumers of the topic its ScaledObject scales on, in every render.
+    _, rule = monitoring_objects(rendered[OPERATOR_RENDERS[0]])
+    record = "namespace_topic:synthwatch_consumers:count"
+    (consumers,) = [r for r in m.rules(rule["spec"]) if r.get("record") == record]
+    pairs = re.findall(
+        r'role(=~|=)"([^"]+)"\}\)\s*,\s*"topic"\s*,\s*"([^"]+)"', str(consumers["expr"])
+    )
+    assert len(pairs) == str(consumers["expr"]).count("label_replace")
+
+    def topic_of(role: str) -> str | None:
+        for op, value, topic in pairs:
+            if (op == "=" and role == value) or (op == "=~" and re.fullmatch(value, role)):
+                return topic
+        return None
+
+    consumed: set[str] = set()
+    for name, objs in rendered.items():
+        scaled = {
+            s["spec"]["scaleTargetRef"]["name"]: s["spec"]["triggers"][0]["metadata"]["topic"]
+            for s in of_kind(objs, "ScaledObject")
+        }
+        by_role = {role: scaled.get(d["metadata"]["name"]) for role, d in workers(objs).items()}
+        for role in by_role:
+            topic = by_role[role] or by_role[worker_role(role)]
+            assert topic_of(role) == topic, (name, role)
+            consumed.add(str(topic))
+    # Every topic a rule names is one a role consumes, or the retry topic.
+    retry = Settings().kafka.topic_retry
+    for r in m.rules(rule["spec"]):
+        for selector in m.promql_names(str(r["expr"])).selectors:
+            for label, op, value in selector.matchers:
+                if label == "topic":
+                    names = value.split("|") if op in ("=~", "!~") else [value]
+                    assert set(names) <= consumed | {retry}, (r.get("alert"), value)
+
+
+def test_readme_prometheus_operator_section_is_the_tested_one(
+    rendered: dict[str, list[Obj]], tools: m.Tools, tmp_path: Path
+) -> None:
+    # What k8s/README.md tells an operator to add to the overlay renders the tested
+    # objects, with the release label of their kube-prometheus-stack.
+    readme = (m.K8S / "README.md").read_text()
+    section = readme.split("## Prometheus Operator (opt-in)\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    addition = yaml.safe_load(block)
+    shutil.copytree(m.K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "cpu" / "kustomization.yaml"
+    kustomization = yaml.safe_load(overlay.read_text())
+    assert not set(addition) & set(kustomization)
+    overlay.write_text(yaml.safe_dump({**kustomization, **addition}, sort_keys=False))
+    got = m.build(tools.kustomize, overlay.parent)
+    want = copy.deepcopy(rendered["cpu+prometheus-operator"])
+    (release,) = re.findall(r"value: (\S+)", block)
+    for obj in want:
+        if m.is_prometheus_operator(obj):
+            assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+            obj["metadata"]["labels"]["release"] = release
+
+    def key(o: Obj) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    assert sorted(got, key=key) == sorted(want, key=key)
+    assert release != "kube-prometheus-stack"
 
 
 # -- image ----------------------------------------------------------------------------
