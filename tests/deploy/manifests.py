@@ -457,13 +457,7 @@ def promql_names(expr: str) -> PromQLNames:
                     out.created.add(text(j)[1:-1])
                     break
                 j += 1
-        elif kind == "ident" and (
-            value in _PROMQL_AGGREGATIONS or value.lower() in _PROMQL_KEYWORDS
-        ):
-            pass
-        elif kind == "ident" and text(i + 1) == "(":
-            pass  # a function
-        elif kind == "ident" or value == "{":
+        elif (kind == "ident" and not _not_a_metric(value, text(i + 1))) or value == "{":
             name = value if kind == "ident" else ""
             matchers: list[tuple[str, str, str]] = []
             if kind == "ident" and text(i + 1) == "{":
@@ -478,6 +472,11 @@ def promql_names(expr: str) -> PromQLNames:
             out.selectors.append(Selector(name, tuple(matchers)))
         i += 1
     return out
+
+
+def _not_a_metric(word: str, following: str) -> bool:
+    """An aggregation, a keyword or a function call, rather than a metric name."""
+    return word in _PROMQL_AGGREGATIONS or word.lower() in _PROMQL_KEYWORDS or following == "("
 
 
 def target_labels(service_monitor: Mapping[str, Any]) -> set[str]:
