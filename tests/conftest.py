@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,28 @@ def shared_dir() -> Path:
     if not (path / "weights").is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture
+def configured_logging() -> Iterator[None]:
+    """For tests that run `sw_logging.configure` as an entry point does: structlog's
+    config, the root handlers and level, the levels it sets on noisy libraries and the
+    bound context are all restored afterwards."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    names = ("botocore", "httpx", "httpcore", "faust")
+    levels = {n: logging.getLogger(n).level for n in names}
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)
+        structlog.contextvars.clear_contextvars()

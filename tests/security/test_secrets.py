@@ -184,24 +184,6 @@ def test_kafka_credentials_object_does_not_show_the_password() -> None:
 # --- logs ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def configured_logging() -> Iterator[None]:
-    """`sw_logging.configure` as an entry point runs it; everything restored afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    noisy = {n: logging.getLogger(n).level for n in ("botocore", "httpx", "faust")}
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, lvl in noisy.items():
-            logging.getLogger(name).setLevel(lvl)
-        structlog.contextvars.clear_contextvars()
-
-
 def _log_everything(url: str, settings: Settings) -> None:
     log = structlog.get_logger("synthwatch.test")
     structlog.contextvars.bind_contextvars(id=url, topic="media.refs", partition=0, offset=7)

@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import structlog
 
 from synthwatch.operators import siem
 from synthwatch.operators.errors import InvalidInput, is_permanent
@@ -392,24 +391,6 @@ def test_a_redirect_is_not_followed(hook: Hook) -> None:
 
 
 # --- secrets ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def configured_logging() -> Iterator[None]:
-    """`sw_logging.configure` as an entry point runs it; everything restored afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    names = ("httpx", "httpcore")
-    levels = {n: logging.getLogger(n).level for n in names}
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, lvl in levels.items():
-            logging.getLogger(name).setLevel(lvl)
 
 
 @pytest.mark.usefixtures("configured_logging")
