@@ -256,8 +256,33 @@ class Pipeline:
         return bool(self.stages - {"sink"})
 
     async def _on_start(self) -> None:
-        if self.uses_store:
-            await self._blocking(self.store.ensure_bucket)
+        """Make sure the bucket exists. A faust task that raises crashes the whole app,
+        so a store that is down (or going down) at start is treated as the outage it is:
+        not ready, logged, tried again with backoff, never a crash."""
+        if not self.uses_store:
+            return
+        attempt = 0
+        while True:
+            try:
+                await self._blocking(_storage_errors(lambda _raw: self.store.ensure_bucket()), None)
+            except Exception as exc:
+                attempt += 1
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                self.down["s3"] = error
+                metrics.DEPENDENCY_UP.labels("s3").set(0)
+                log.error(
+                    "object store unavailable at start: retrying", error=error, attempt=attempt
+                )
+                self.watchdog.beat()
+                await asyncio.sleep(
+                    backoff(attempt, 1.0, self.settings.retry.outage_backoff_max_s) + 0.5
+                )
+                continue
+            if attempt:
+                self.down.pop("s3", None)
+                metrics.DEPENDENCY_UP.labels("s3").set(1)
+                log.warning("object store answers again: bucket ready", attempts=attempt + 1)
+            return
 
     def _fetch(self, raw: bytes | None) -> tuple[Any, bytes, bytes] | None:
         # media.refs -> MediaRef -> download, hash, sniff -> blob in S3 -> FetchedMedia

@@ -54,3 +54,27 @@ def test_store_down_longer_than_the_retry_budget_pauses_then_resumes(
     run.stop_all()
     assert not ledger.dlq, "an outage of our own store must not dead-letter the feed"
     assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+
+
+def test_a_worker_started_while_the_store_is_down_waits_for_it(
+    run: Run, fault_services: PrivateServices, s3: Any, bucket: str
+) -> None:
+    # A faust task that raises crashes the app: creating the bucket at start must treat
+    # a store that is down as an outage (not ready, retried), not crash the worker.
+    fault_services.stop("s3")
+    try:
+        worker = run.start_worker(wait=False)
+        worker.wait_event("object store unavailable at start: retrying", timeout=120)
+        body = worker.wait_health("ready", 503, timeout=60)
+        assert "s3" in body.get("down", {}), body
+        time.sleep(5)
+        assert worker.proc.poll() is None, worker.tail()
+    finally:
+        fault_services.start()
+    worker.wait_event("object store answers again: bucket ready", timeout=120)
+    ids = set(run.submit(run.images(2)))
+    ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=240, settle=3.0)
+    worker.wait_health("ready", 200, timeout=60)
+    run.stop_all()
+    assert not ledger.dlq, ledger.dlq
+    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
