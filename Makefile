@@ -36,7 +36,6 @@ reliability: install
 # The quick benchmark set (minutes): each script measures ours against its comparison in
 # the same run, prints a table, writes benchmarks/results/<name>.json and summary.md.
 bench: install
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run --quick
 
 lint: install

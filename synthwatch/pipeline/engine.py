@@ -178,7 +178,10 @@ def load_face_detector(store: ModelStore, settings: ModelSettings) -> tuple[Face
             ),
             "mtcnn",
         )
-    return faces_op.CascadeFaceDetector(min_size=settings.face_min_size), "lbp_cascade"
+    cascade = faces_op.CascadeFaceDetector(
+        min_size=settings.face_min_size, threads=settings.threads
+    )
+    return cascade, "lbp_cascade"
 
 
 def load_calibration(settings: ModelSettings) -> tuple[Calibration, str]:

@@ -118,3 +118,36 @@ def test_cascade_fallback_finds_the_astronauts_face_and_nothing_in_a_blank_frame
         assert 170 < cx < 270 and 60 < cy < 160, (cx, cy)
         crops = crop_faces(astronaut if k == 1 else big, dets[:1], size=128)
         assert crops[0].image.shape == (128, 128, 3)
+
+
+def test_cascade_fallback_reports_only_boxes_scikit_image_finds_with_the_same_cascade() -> None:
+    # The fallback runs scikit-image's copy of OpenCV's LBP cascade in OpenCV, for speed.
+    # Every face it reports must be one the reference implementation reports; OpenCV
+    # merges overlapping windows more firmly, so on the astronaut it reports her face
+    # once where scikit-image reports it twice plus two windows on the suit.
+    from skimage import data
+    from skimage.color import rgb2gray
+    from skimage.feature import Cascade
+
+    from synthwatch.operators.faces import CascadeFaceDetector
+
+    astronaut = np.ascontiguousarray(data.astronaut())
+    reference = Cascade(data.lbp_frontal_face_cascade_filename()).detect_multi_scale(
+        rgb2gray(astronaut),
+        scale_factor=1.2,
+        step_ratio=1,
+        min_size=(40, 40),
+        max_size=(512, 512),
+        min_neighbor_number=4,
+    )
+    (found,) = CascadeFaceDetector(min_size=40).detect([astronaut])
+    assert len(found) == 1
+    for det in found:
+        cx, cy, side = (det.x0 + det.x1) / 2, (det.y0 + det.y1) / 2, det.x1 - det.x0
+        assert 170 < cx < 270 and 60 < cy < 160  # her face
+        assert any(
+            abs(ref["c"] + ref["width"] / 2 - cx) < 0.15 * side
+            and abs(ref["r"] + ref["height"] / 2 - cy) < 0.15 * side
+            and 0.8 < side / ref["width"] < 1.25
+            for ref in reference
+        )
