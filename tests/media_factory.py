@@ -111,17 +111,21 @@ def make_video(
     audio: bool = False,
     faces: bool = False,
     extra_audio_streams: int = 0,
+    options: dict[str, str] | None = None,
 ) -> Path:
     """Encode a clip whose frames show their own index (see `read_index`).
 
     The container follows `path`'s suffix (.mp4, .mkv, .webm, .mov, .avi). `gop` is the
     exact keyframe interval. `audio=True` adds a 440 Hz tone track (AAC in mp4/mov,
     Opus in webm/mkv); `extra_audio_streams` adds that many more, for stream-cap tests.
+    `options` override the encoder's (the defaults make no B-frames for x264).
     """
     path = Path(path)
     n_frames = round(seconds * fps)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps, options=_ENCODER_OPTIONS.get(codec, {}))
+        stream = container.add_stream(
+            codec, rate=fps, options={**_ENCODER_OPTIONS.get(codec, {}), **(options or {})}
+        )
         assert isinstance(stream, av.VideoStream)
         stream.width = width
         stream.height = height

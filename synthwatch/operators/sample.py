@@ -11,7 +11,9 @@ Video sampling follows the measurements in shared/PERF_NOTES.md:
 - `exact` mode ("smart seek"): one demux-only pass indexes every packet's timestamp and
   the keyframes, then each target is reached by decoding forward, seeking only when a
   keyframe lies between the current position and the target. Per-target seeking is 3.3x
-  slower than full decode on long GOPs; this is never slower than full decode.
+  slower than full decode on long GOPs; this is never slower than full decode. Frames
+  that nothing references and no target shows are not decoded on the way (about half of
+  an x264 stream with B-frames); every frame returned is still the full decode's.
 - `keyframes` mode: decode only the keyframe nearest each target (6x cheaper on short
   GOPs, approximate), then top up with exact frames so a clip that has the frames never
   yields fewer than asked.
@@ -231,6 +233,7 @@ def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> lis
         index = _index_packets(container, stream, settings, deadline)
         decoder = _Decoder(container, stream, index, settings, deadline)
         picks = [index.pts_at(index.to_pts(t)) for t in times_s]
+        decoder.wanted(picks)
         decoded = {pts: decoder.exact(pts) for pts in sorted(set(picks))}
         return [Frame(i, *decoded[pts]) for i, pts in enumerate(picks)]
 
@@ -481,6 +484,8 @@ class _Decoder:
         self._pending: deque[VideoFrame] = deque()
         self._position: int | None = None  # pts of the last frame handed out
         self._reformatter = VideoReformatter()  # one per decoder: it caches its scaler
+        self._keep: frozenset[int] = frozenset()
+        self._skipping = False
         ctx = stream.codec_context
         ctx.thread_count = 1
         ctx.thread_type = "SLICE"
@@ -490,8 +495,28 @@ class _Decoder:
 
     # -- exact --------------------------------------------------------------------------
 
+    def wanted(self, targets: Sequence[int]) -> None:
+        """Announce every target `exact` will be asked for, so that on the way to one it
+        decodes the others it passes (B-frames arrive out of display order)."""
+        self._keep = frozenset(targets)
+
     def exact(self, target: int) -> tuple[float, np.ndarray]:
-        """The frame displayed at `target` (a pts from the index)."""
+        """The frame displayed at `target` (a pts from the index).
+
+        On the way to it, frames that no other frame references (nal_ref_idc 0 in H.264,
+        VP9 frames that refresh no reference slot) are not decoded unless they are a
+        wanted target: the frames returned are the full decode's to the bit, and on
+        x264's default B-frames half the decoding is saved. Decoders that do not mark
+        such frames (HEVC) decode everything.
+        """
+        self._skipping = True
+        try:
+            return self._exact(target)
+        finally:
+            self._skipping = False
+            self._stream.codec_context.skip_frame = "DEFAULT"
+
+    def _exact(self, target: int) -> tuple[float, np.ndarray]:
         keyframe = self._index.keyframe_before(target)
         if keyframe is None:
             keyframe = self._index.keyframes[0]
@@ -576,8 +601,14 @@ class _Decoder:
             packet = next(self._packets, None)
             if packet is None:
                 return None
+            ctx = self._stream.codec_context
+            if self._skipping:
+                # Read per packet by the decoder as it parses it (one codec thread, no
+                # frame threading), so a wanted frame is never skipped.
+                ts = packet.pts
+                ctx.skip_frame = "DEFAULT" if ts is None or ts in self._keep else "NONREF"
             # PyAV ends demux with an empty packet, which drains the decoder.
-            self._pending.extend(self._stream.codec_context.decode(packet))
+            self._pending.extend(ctx.decode(packet))
         return self._pending.popleft()
 
     def _convert(self, frame: VideoFrame) -> tuple[float, np.ndarray]:
@@ -640,6 +671,7 @@ def _sample_av(
             for t in _targets(index.seconds(index.pts[0]), span_s, settings)
         ]
         decoder = _Decoder(container, stream, index, settings, deadline)
+        decoder.wanted(targets)
         if settings.mode == "keyframes":
             decoded, strategy = _sample_keyframes(decoder, index, targets)
         elif settings.mode == "adaptive":
@@ -749,6 +781,7 @@ def _sample_adaptive(
         else:
             decoded[keyframe] = result
     # Keyframes first, then the exact targets in order, so smart seek decodes forward.
+    decoder.wanted(sorted(exact))
     for target in sorted(exact):
         decoded[target] = decoder.exact(target)
     if not exact:

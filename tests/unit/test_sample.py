@@ -31,6 +31,18 @@ CLIPS: dict[str, tuple[str, dict[str, object]]] = {
     "vp9_gop30": (".webm", {"seconds": 2.0, "gop": 30, "codec": "libvpx-vp9"}),
     "hevc_gop30": (".mp4", {"seconds": 2.0, "gop": 30, "codec": "libx265"}),
     "h264_short": (".mkv", {"seconds": 0.4, "gop": 5}),
+    # x264's usual B-frames (3, the middle one a reference): half the frames are not
+    # references, which adaptive mode skips.
+    "h264_bframes_gop250": (
+        ".mp4",
+        {
+            "seconds": 12.0,
+            "gop": 250,
+            "width": 160,
+            "height": 96,
+            "options": {"preset": "veryfast", "sc_threshold": "0", "crf": "20"},
+        },
+    ),
 }
 
 
@@ -73,7 +85,9 @@ def shown_at(reference: list[tuple[float, np.ndarray]], t: float) -> int:
 # --------------------------------------------------------------------------- video, exact
 
 
-@pytest.mark.parametrize("name", ["h264_gop25", "h264_gop250", "vp9_gop30", "hevc_gop30"])
+@pytest.mark.parametrize(
+    "name", ["h264_gop25", "h264_gop250", "h264_bframes_gop250", "vp9_gop30", "hevc_gop30"]
+)
 def test_exact_mode_returns_the_frames_a_full_decode_shows_at_evenly_spread_times(
     clip: Callable[[str], Path], name: str
 ) -> None:
@@ -162,6 +176,21 @@ def test_frames_at_redraws_the_frames_sample_returned(clip: Callable[[str], Path
     assert np.array_equal(redrawn[0].image, sampled.frames[5].image)
     assert np.array_equal(redrawn[1].image, sampled.frames[1].image)
     assert mf.read_index(redrawn[2].image) == 49
+
+
+@pytest.mark.parametrize("name", ["h264_bframes_gop250", "hevc_gop30"])
+def test_consecutive_frames_come_out_as_the_full_decode_shows_them(
+    clip: Callable[[str], Path], name: str
+) -> None:
+    # Frames that nothing references are skipped on the way to a target; B-frames arrive
+    # out of display order, so a target decoded on the way to an earlier one must not be.
+    path = clip(name)
+    reference = full_decode(path)
+    times = [(n + 0.5) / FPS for n in range(20, 33)]
+    redrawn = frames_at(path, times, SETTINGS)
+    for n, frame in zip(range(20, 33), redrawn, strict=True):
+        assert mf.read_index(frame.image) == n
+        assert np.array_equal(frame.image, reference[n][1])
 
 
 def test_frames_wider_than_the_cap_are_downscaled_keeping_aspect(media_dir: Path) -> None:
@@ -385,7 +414,9 @@ def gop5(media_dir: Path) -> Path:
     return mf.make_video(media_dir / "gop5.mp4", seconds=2.0, gop=5, fps=FPS)
 
 
-@pytest.mark.parametrize("name", ["h264_gop25", "h264_gop250", "vp9_gop30", "hevc_gop30"])
+@pytest.mark.parametrize(
+    "name", ["h264_gop25", "h264_gop250", "h264_bframes_gop250", "vp9_gop30", "hevc_gop30"]
+)
 def test_adaptive_mode_returns_as_many_distinct_frames_as_asked_each_near_its_target(
     clip: Callable[[str], Path], name: str
 ) -> None:
