@@ -89,8 +89,11 @@ class Clip:
 
     @property
     def path(self) -> Path:
+        return self.path_in(CACHE)
+
+    def path_in(self, directory: Path) -> Path:
         stem = f"{self.codec}-{self.height}p-gop{self.gop}-{self.seconds:g}s-v{CLIP_VERSION}"
-        return CACHE / (stem + _CONTAINER[self.codec])
+        return directory / (stem + _CONTAINER[self.codec])
 
 
 def clips(quick: bool) -> list[Clip]:
@@ -121,7 +124,7 @@ def encoder_available(codec: str) -> bool:
 # --------------------------------------------------------------------------- clip generation
 
 
-def _fractal(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+def fractal(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Octaves of upsampled noise, one per channel: texture at every scale, like a scene."""
     out = np.zeros((height, width, 3), dtype=np.float32)
     for octave in range(7):
@@ -139,7 +142,7 @@ def _fractal(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _face_sprite(size: int) -> tuple[np.ndarray, np.ndarray]:
+def face_sprite(size: int) -> tuple[np.ndarray, np.ndarray]:
     """A skin-tone ellipse with two dark eyes, and its mask."""
     h, w = size, size * 3 // 4
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -153,17 +156,18 @@ def _face_sprite(size: int) -> tuple[np.ndarray, np.ndarray]:
     return sprite, mask
 
 
-def make_clip(clip: Clip) -> Path:
-    """Encode `clip` unless the cache holds it already."""
-    if clip.path.exists():
-        return clip.path
-    CACHE.mkdir(parents=True, exist_ok=True)
+def make_clip(clip: Clip, directory: Path = CACHE) -> Path:
+    """Encode `clip` into `directory` unless it holds it already."""
+    path = clip.path_in(directory)
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(clip.height * 1000 + clip.gop)
     w, h, n = clip.width, clip.height, clip.n_frames
     speed = 3  # pixels per frame of camera pan
-    texture = _fractal(h + n // 2 + 1, w + speed * n + 1, rng)
-    sprite, mask = _face_sprite(h // 4)
-    tmp = clip.path.with_name(f".{os.getpid()}-{clip.path.name}")
+    texture = fractal(h + n // 2 + 1, w + speed * n + 1, rng)
+    sprite, mask = face_sprite(h // 4)
+    tmp = path.with_name(f".{os.getpid()}-{path.name}")
     with av.open(str(tmp), mode="w") as container:
         stream = container.add_stream(
             clip.codec, rate=FPS, options=_encoder_options(clip.codec, clip.gop)
@@ -185,8 +189,8 @@ def make_clip(clip: Clip) -> Path:
             frame.time_base = Fraction(1, FPS)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    tmp.rename(clip.path)
-    return clip.path
+    tmp.rename(path)
+    return path
 
 
 # --------------------------------------------------------------------------- strategies
