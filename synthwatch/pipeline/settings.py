@@ -136,7 +136,11 @@ class KafkaSettings(_Frozen):
     topic_dlq: str = "media.dlq"
     topic_retry: str = "media.retry"
     """Records whose stage failed transiently, waiting for another attempt."""
-    detect_concurrency: int = 4
+    fetch_concurrency: int = Field(default=4, ge=1)
+    """Downloads in flight per worker. Fetching waits on origins and the store, not the
+    CPU: one at a time, a slow origin held up every ref behind it, and a burst of large
+    files kept detect idle while they were copied into the store one by one."""
+    detect_concurrency: int = Field(default=4, ge=1)
     session_timeout_s: float = 45.0
     """How long the group waits for a silent member (a killed worker) before handing its
     partitions to the others: Kafka's default; the broker allows 6 s to 1800 s."""

@@ -180,7 +180,8 @@ class Pipeline:
             "sink": self.alerts,
         }
         self.pool = ThreadPoolExecutor(
-            max_workers=max(2, k.detect_concurrency), thread_name_prefix="sw-work"
+            max_workers=max(2, k.detect_concurrency + k.fetch_concurrency),
+            thread_name_prefix="sw-work",
         )
         # Health probes get their own thread, so readiness stays current while every
         # work thread is busy with a long decode.
@@ -212,7 +213,9 @@ class Pipeline:
         app, k, role = self.app, self.settings.kafka, self.role
         if role in ("fetch", "all"):
             self.fetcher = Fetcher(self.settings.fetch, embedded=False, s3_client=self.store.client)
-            app.agent(self.refs, name="fetch")(self._stage("fetch", self._fetch))
+            app.agent(self.refs, name="fetch", concurrency=k.fetch_concurrency)(
+                self._stage("fetch", self._fetch)
+            )
             self.stages.add("fetch")
         if role in ("detect", "all"):
             self.engine = Engine(self.settings)
