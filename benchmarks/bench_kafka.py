@@ -274,6 +274,20 @@ class Run:
         return seen
 
 
+def service_cpu_s(svc: PrivateServices) -> dict[str, float]:
+    """CPU seconds used so far by the broker and the store (their pid files)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid_file in (("kafka", "kafka/kafka.pid"), ("s3", "seaweedfs/weed.pid")):
+        try:
+            pid = int((svc.state_dir / pid_file).read_text().split()[0])
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 @dataclass
 class KafkaResult:
     workers: int
@@ -282,6 +296,8 @@ class KafkaResult:
     items: int
     wall_s: float
     latencies: list[float]
+    service_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds the broker and the store used while the measured items ran."""
 
     @property
     def items_per_s(self) -> float:
@@ -320,9 +336,11 @@ def measure_kafka(
         run.start(workers)
         warm = run.submit(urls[: 2 * workers])  # ONNX sessions, decoder children, etc.
         run.collect(set(warm), timeout=300)
+        before = service_cpu_s(svc)
         sent = run.submit(urls)
         t0 = min(sent.values())
         done = run.collect(set(sent), timeout=600 + 30 * len(urls))
+        after = service_cpu_s(svc)
     finally:
         run.stop()
     return KafkaResult(
@@ -332,6 +350,7 @@ def measure_kafka(
         items=len(urls),
         wall_s=max(done.values()) - t0,
         latencies=[done[i] - sent[i] for i in sent],
+        service_cpu_s={k: after[k] - before[k] for k in after if k in before},
     )
 
 
@@ -392,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         "scaling pair: SYNTHWATCH_MODELS__THREADS=1, SYNTHWATCH_KAFKA__DETECT_CONCURRENCY=1 "
         "per worker, 4 partitions",
         "bundled models only; SYNTHWATCH_POLICY__ALERT_ON=[] so no evidence is written",
+        f"media: {sum(p.stat().st_size for p in paths) / 1e6:.0f} MB in all; during the "
+        f"1-worker run the store used {k_full.service_cpu_s.get('s3', 0.0):.1f} CPU-s and the "
+        f"broker {k_full.service_cpu_s.get('kafka', 0.0):.1f} of the "
+        f"{bench_e2e.CORES * k_full.wall_s:.1f} the {bench_e2e.CORES} cores had "
+        "(they share the cores with the worker here)",
     ]
     report.save()
     return 0
