@@ -43,6 +43,18 @@ CLIPS: dict[str, tuple[str, dict[str, object]]] = {
             "options": {"preset": "veryfast", "sc_threshold": "0", "crf": "20"},
         },
     ),
+    # Encoders' own reference structures: VP8 with a hidden alt-ref frame, AV1 with SVT's
+    # hierarchical mini-GOPs (its decoder is not asked to skip anything).
+    "vp8_altref": (
+        ".webm",
+        {
+            "seconds": 4.0,
+            "gop": 250,
+            "codec": "libvpx",
+            "options": {"auto-alt-ref": "1", "lag-in-frames": "16", "deadline": "good"},
+        },
+    ),
+    "av1_gop250": (".mp4", {"seconds": 4.0, "gop": 250, "codec": "libsvtav1"}),
 }
 
 
@@ -86,7 +98,16 @@ def shown_at(reference: list[tuple[float, np.ndarray]], t: float) -> int:
 
 
 @pytest.mark.parametrize(
-    "name", ["h264_gop25", "h264_gop250", "h264_bframes_gop250", "vp9_gop30", "hevc_gop30"]
+    "name",
+    [
+        "h264_gop25",
+        "h264_gop250",
+        "h264_bframes_gop250",
+        "vp9_gop30",
+        "hevc_gop30",
+        "vp8_altref",
+        "av1_gop250",
+    ],
 )
 def test_exact_mode_returns_the_frames_a_full_decode_shows_at_evenly_spread_times(
     clip: Callable[[str], Path], name: str
@@ -178,7 +199,7 @@ def test_frames_at_redraws_the_frames_sample_returned(clip: Callable[[str], Path
     assert mf.read_index(redrawn[2].image) == 49
 
 
-@pytest.mark.parametrize("name", ["h264_bframes_gop250", "hevc_gop30"])
+@pytest.mark.parametrize("name", ["h264_bframes_gop250", "hevc_gop30", "vp8_altref", "av1_gop250"])
 def test_consecutive_frames_come_out_as_the_full_decode_shows_them(
     clip: Callable[[str], Path], name: str
 ) -> None:
