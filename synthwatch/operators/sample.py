@@ -12,8 +12,8 @@ Video sampling follows the measurements in shared/PERF_NOTES.md:
   the keyframes, then each target is reached by decoding forward, seeking only when a
   keyframe lies between the current position and the target. Per-target seeking is 3.3x
   slower than full decode on long GOPs; this is never slower than full decode. Frames
-  that nothing references and no target shows are not decoded on the way (about half of
-  an x264 stream with B-frames); every frame returned is still the full decode's.
+  that nothing references and no target shows are not decoded on the way (40-45% of the
+  decoding of an x264 stream with B-frames); every frame returned is the full decode's.
 - `keyframes` mode: decode only the keyframe nearest each target (6x cheaper on short
   GOPs, approximate), then top up with exact frames so a clip that has the frames never
   yields fewer than asked.
