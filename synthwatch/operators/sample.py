@@ -165,7 +165,8 @@ class Sampled:
     keyframes: int | None
     """Keyframes in the video stream (from the index pass); None for stills and audio."""
     strategy: str
-    """Strategy that ran: smart-seek, keyframes, keyframes+exact, still, animated, audio."""
+    """Strategy that ran: smart-seek, keyframes, keyframes+exact, sequential (AVI, decoded
+    from the start), still, animated, audio."""
 
 
 # --------------------------------------------------------------------------- public API
@@ -490,9 +491,13 @@ class _Decoder:
         self._reformatter = VideoReformatter()  # one per decoder: it caches its scaler
         self._keep: frozenset[int] = frozenset()
         self._skipping = False
-        self._may_skip = _codec_name(stream) in _SKIP_NONREF_CODECS and "avi" not in (
-            container.format.name.split(",")
-        )
+        # AVI stores no presentation times: FFmpeg labels its packets, and so its frames,
+        # by decode order, which mislabels every B-frame. Frames leave the decoder in
+        # display order, so there the k-th frame out since the start is labelled with the
+        # k-th timestamp of the index, decoding forward from the start only.
+        self.renumbers = "avi" in container.format.name.split(",")
+        self._shown = 0
+        self._may_skip = _codec_name(stream) in _SKIP_NONREF_CODECS and not self.renumbers
         ctx = stream.codec_context
         ctx.thread_count = 1
         ctx.thread_type = "SLICE"
@@ -527,7 +532,7 @@ class _Decoder:
 
     def _exact(self, target: int) -> tuple[float, np.ndarray]:
         keyframe = self._index.keyframe_before(target)
-        if keyframe is None:
+        if keyframe is None or self.renumbers:
             keyframe = self._index.keyframes[0]
         if (
             self._packets is None
@@ -602,6 +607,7 @@ class _Decoder:
         self._pending.clear()
         self._packets = self._container.demux(self._stream)
         self._position = None
+        self._shown = 0
 
     def _next_frame(self) -> VideoFrame | None:
         while not self._pending:
@@ -617,7 +623,12 @@ class _Decoder:
                 ts = packet.pts
                 ctx.skip_frame = "DEFAULT" if ts is None or ts in self._keep else "NONREF"
             # PyAV ends demux with an empty packet, which drains the decoder.
-            self._pending.extend(ctx.decode(packet))
+            frames = ctx.decode(packet)
+            if self.renumbers:
+                for frame in frames:
+                    frame.pts = self._index.pts[min(self._shown, len(self._index.pts) - 1)]
+                    self._shown += 1
+            self._pending.extend(frames)
         return self._pending.popleft()
 
     def _convert(self, frame: VideoFrame) -> tuple[float, np.ndarray]:
@@ -681,7 +692,10 @@ def _sample_av(
         ]
         decoder = _Decoder(container, stream, index, settings, deadline)
         decoder.wanted(targets)
-        if settings.mode == "keyframes":
+        if decoder.renumbers:  # AVI: keyframes carry decode-order labels, so no shortcut
+            decoded = {pts: decoder.exact(pts) for pts in sorted(set(targets))}
+            strategy = "sequential"
+        elif settings.mode == "keyframes":
             decoded, strategy = _sample_keyframes(decoder, index, targets)
         elif settings.mode == "adaptive":
             decoded, strategy = _sample_adaptive(decoder, index, targets)

@@ -55,6 +55,15 @@ CLIPS: dict[str, tuple[str, dict[str, object]]] = {
         },
     ),
     "av1_gop250": (".mp4", {"seconds": 4.0, "gop": 250, "codec": "libsvtav1"}),
+    # AVI has no presentation times: FFmpeg labels B-frames by decode order.
+    "h264_bframes_avi": (
+        ".avi",
+        {
+            "seconds": 4.0,
+            "gop": 250,
+            "options": {"preset": "veryfast", "sc_threshold": "0", "crf": "20"},
+        },
+    ),
 }
 
 
@@ -212,6 +221,29 @@ def test_consecutive_frames_come_out_as_the_full_decode_shows_them(
     for n, frame in zip(range(20, 33), redrawn, strict=True):
         assert mf.read_index(frame.image) == n
         assert np.array_equal(frame.image, reference[n][1])
+
+
+@pytest.mark.parametrize("mode", ["exact", "adaptive", "keyframes"])
+def test_avi_b_frames_are_labelled_with_the_times_they_are_shown_at(
+    clip: Callable[[str], Path], mode: str
+) -> None:
+    # A plain decode of this AVI labels frame 1 with frame 3's time, and so on; the
+    # frames leave the decoder in display order, so the k-th one is shown at the k-th
+    # time of the timeline.
+    path = clip("h264_bframes_avi")
+    decoded = full_decode(path)
+    timeline = sorted(t for t, _ in decoded)
+    assert [t for t, _ in decoded] != timeline  # the container's labels are out of order
+    result = sample(path, SampleSettings(frames=8, mode=mode))
+    assert result.strategy == "sequential"
+    for frame in result.frames:
+        k = min(range(len(timeline)), key=lambda i: abs(timeline[i] - frame.time_s))
+        assert abs(timeline[k] - frame.time_s) < 1e-6
+        assert mf.read_index(frame.image) == k
+        assert np.array_equal(frame.image, decoded[k][1])
+    times = [timeline[k] + 0.01 for k in range(40, 53)]
+    for k, frame in zip(range(40, 53), frames_at(path, times, SETTINGS), strict=True):
+        assert mf.read_index(frame.image) == k
 
 
 def test_frames_wider_than_the_cap_are_downscaled_keeping_aspect(media_dir: Path) -> None:
