@@ -45,6 +45,7 @@ from tests.private_services import PrivateServices, free_port
 from tests.private_services import private_services as shared_private_services
 
 FRAMES = 16
+PARTITIONS = 4
 """SYNTHWATCH_SAMPLE__FRAMES for workers and the embedded run alike (the default)."""
 
 
@@ -123,7 +124,7 @@ class Run:
     work: Path
     threads: int
     concurrency: int
-    partitions: int = 4
+    partitions: int = PARTITIONS
     name: str = field(default_factory=lambda: f"b{uuid.uuid4().hex[:8]}")
     workers: list[Worker] = field(default_factory=list)
 
@@ -197,12 +198,15 @@ class Run:
         for w in self.workers:
             w.stop()
 
-    def submit(self, urls: list[str]) -> dict[str, float]:
+    def submit(self, urls: list[str], rotate_every: int = 0) -> dict[str, float]:
         """Produce one MediaRef per URL, spread evenly over the partitions of every stage
-        (`_id_on_partition`); id -> the submit time it carries."""
-        return asyncio.run(self._submit(urls))
+        (`_id_on_partition`); id -> the submit time it carries. URL i goes to partition
+        i + i // rotate_every (mod partitions): when `urls` repeats a set of that length
+        once per partition, every item of the set lands on every partition once, so each
+        worker of a pair gets the same work, whatever the group gives it."""
+        return asyncio.run(self._submit(urls, rotate_every))
 
-    async def _submit(self, urls: list[str]) -> dict[str, float]:
+    async def _submit(self, urls: list[str], rotate_every: int) -> dict[str, float]:
         from aiokafka import AIOKafkaProducer
 
         from synthwatch.schemas import MediaRef, encode
@@ -212,8 +216,9 @@ class Run:
         sent: dict[str, float] = {}
         try:
             for i, url in enumerate(urls):
+                partition = (i + (i // rotate_every if rotate_every else 0)) % self.partitions
                 ref = MediaRef(
-                    id=_id_on_partition(i % self.partitions, self.partitions),
+                    id=_id_on_partition(partition, self.partitions),
                     url=url,
                     source="bench",
                     submitted_at=time.time(),
@@ -222,7 +227,7 @@ class Run:
                     self.topic("refs"),
                     value=encode(ref),
                     key=ref.id.encode(),
-                    partition=i % self.partitions,
+                    partition=partition,
                 )
                 sent[ref.id] = ref.submitted_at
         finally:
@@ -330,6 +335,7 @@ def measure_kafka(
     workers: int,
     threads: int,
     concurrency: int,
+    rotate_every: int = 0,
 ) -> KafkaResult:
     run = Run(svc, base_url, work, threads=threads, concurrency=concurrency)
     try:
@@ -337,7 +343,7 @@ def measure_kafka(
         warm = run.submit(urls[: 2 * workers])  # ONNX sessions, decoder children, etc.
         run.collect(set(warm), timeout=300)
         before = service_cpu_s(svc)
-        sent = run.submit(urls)
+        sent = run.submit(urls, rotate_every)
         t0 = min(sent.values())
         done = run.collect(set(sent), timeout=600 + 30 * len(urls))
         after = service_cpu_s(svc)
@@ -361,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     from synthwatch.pipeline import logging as sw_logging
 
     sw_logging.configure("WARNING", None)
-    paths = bench_e2e.media_set(args.quick) * (1 if args.quick else 3)
+    # Full: the set once per partition, rotated (see Run.submit), so the scaling pair
+    # measures the workers, not which of them drew the 1080p clips.
+    distinct = bench_e2e.media_set(args.quick)
+    paths = distinct * (1 if args.quick else PARTITIONS)
     with (
         tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp,
         private_services() as svc,
@@ -373,14 +382,25 @@ def main(argv: list[str] | None = None) -> int:
         settings = bench_e2e.bench_settings(work / "no-third-party-models")
         bench_e2e.run_ours(settings, [str(p) for p in paths[:4]], workers=2)  # warm
         embedded = bench_e2e.run_ours(settings, [str(p) for p in paths], workers=2)
-        k_full = measure_kafka(svc, base, work, urls, workers=1, threads=2, concurrency=2)
-        k1 = measure_kafka(svc, base, work, urls, workers=1, threads=1, concurrency=1)
-        k2 = measure_kafka(svc, base, work, urls, workers=2, threads=1, concurrency=1)
+        k_full = measure_kafka(
+            svc, base, work, urls, workers=1, threads=2, concurrency=2, rotate_every=len(distinct)
+        )
+        k1 = measure_kafka(
+            svc, base, work, urls, workers=1, threads=1, concurrency=1, rotate_every=len(distinct)
+        )
+        k2 = measure_kafka(
+            svc, base, work, urls, workers=2, threads=1, concurrency=1, rotate_every=len(distinct)
+        )
     report = Report(
         name="bench_kafka",
         title=f"Kafka + S3 end to end, {len(paths)} mixed items (ratios in the same run)",
         columns=["configuration", "items/s", "vs embedded", "p50 s", "p95 s", "p99 s"],
-        params={"quick": args.quick, "items": len(paths), "frames": FRAMES, "partitions": 4},
+        params={
+            "quick": args.quick,
+            "items": len(paths),
+            "frames": FRAMES,
+            "partitions": PARTITIONS,
+        },
     )
     report.rows.append(
         {
