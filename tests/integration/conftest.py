@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -142,3 +143,42 @@ def kafka_admin(services: Services) -> Iterator[KafkaAdmin]:
     yield admin
     with contextlib.suppress(Exception):  # best-effort cleanup
         admin.delete_topics(admin.created)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def synthwatch(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the `synthwatch` CLI as a user would; raises if it exits non-zero."""
+    return subprocess.run(
+        [sys.executable, "-m", "synthwatch", *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_worker(env: dict[str, str], role: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """`synthwatch worker --role ROLE`, its output in `log_path`."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "synthwatch", "worker", "--role", role],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_workers(*workers: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM every worker, then wait for each (killed if it outlives `timeout`)."""
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            worker.kill()

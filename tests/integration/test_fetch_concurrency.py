@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Services
+from tests.integration.conftest import Services, start_worker, stop_workers, synthwatch
 from tests.integration.test_pipeline import _collect, _env, _free_port
 from tests.media_factory import make_image
 
@@ -62,34 +59,14 @@ def test_a_slow_origin_does_not_hold_up_the_refs_behind_it(
     make_image(root / "fast-b.png", width=96, height=64, fmt="PNG")
     run = f"it{uuid.uuid4().hex[:8]}"
     env = _env(services, tmp_path / "no-models", run, _free_port())
-    subprocess.run(
-        [sys.executable, "-m", "synthwatch", "topics", "create"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    synthwatch(env, "topics", "create")
     log = tmp_path / "fetch.log"
-    with log.open("wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "synthwatch", "worker", "--role", "fetch"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    worker = start_worker(env, "fetch", log)
     fetched_t = f"{run}.media.fetched"
     try:
 
         def submit(url: str) -> str:
-            sub = subprocess.run(
-                [sys.executable, "-m", "synthwatch", "submit", url],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            return sub.stdout.split("\t", 1)[0]
+            return synthwatch(env, "submit", url).stdout.split("\t", 1)[0]
 
         # Warm: the worker has joined its group and fetched once before the timing.
         warm = submit(f"{base}/fast-b.png")
@@ -129,9 +106,5 @@ def test_a_slow_origin_does_not_hold_up_the_refs_behind_it(
         )
         assert any(r["id"] == slow for r in got[fetched_t])  # and it still arrives
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers(worker)
     assert worker.returncode == 0, log.read_text(errors="replace")[-3000:]

@@ -15,9 +15,7 @@ import hashlib
 import http.server
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import Services
+from tests.integration.conftest import Services, start_worker, stop_workers, synthwatch
 from tests.media_factory import make_corrupt, make_image, make_video
 
 pytestmark = pytest.mark.shared  # the detectors' weights come from ../shared
@@ -142,13 +140,7 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
     run = f"it{uuid.uuid4().hex[:8]}"
     port = _free_port()
     env = _env(services, shared_dir, run, port)
-    subprocess.run(
-        [sys.executable, "-m", "synthwatch", "topics", "create"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    synthwatch(env, "topics", "create")
     refs = {
         "clip": f"{base}/clip.mp4",
         "photo": f"{base}/photo.jpg",
@@ -165,23 +157,10 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
     )
 
     log_path = root / "worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "synthwatch", "worker", "--role", "all"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = start_worker(env, "all", log_path)
     try:
         # Submitted through the CLI a user would use; it prints "id<TAB>url" per ref.
-        sub = subprocess.run(
-            [sys.executable, "-m", "synthwatch", "submit", *refs.values(), "--source", "it"],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        sub = synthwatch(env, "submit", *refs.values(), "--source", "it")
         by_url = dict(reversed(line.split("\t", 1)) for line in sub.stdout.splitlines())
         ids = {name: by_url[url] for name, url in refs.items()}
 
@@ -208,11 +187,7 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         metrics_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=10)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers(worker)
     log_text = log_path.read_text(errors="replace")
     assert done(got), f"not every ref ended; worker log tail:\n{log_text[-4000:]}"
 
@@ -343,38 +318,16 @@ def test_one_process_per_role_and_a_redelivered_verdict_changes_nothing(
     make_image(root / "roles.jpg", width=320, height=240)
     run = f"it{uuid.uuid4().hex[:8]}"
     env = _env(services, shared_dir, run, _free_port())
-    subprocess.run(
-        [sys.executable, "-m", "synthwatch", "topics", "create"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    synthwatch(env, "topics", "create")
     workers: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     for role in ("fetch", "detect", "decide"):
         role_env = {**env, "SYNTHWATCH_WEB_PORT": str(_free_port())}
         logs.append(root / f"{run}-{role}.log")
-        with logs[-1].open("wb") as log:
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "synthwatch", "worker", "--role", role],
-                    env=role_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        workers.append(start_worker(role_env, role, logs[-1]))
     verdicts_t, alerts_t = f"{run}.media.verdicts", f"{run}.media.alerts"
     try:
-        sub = subprocess.run(
-            [sys.executable, "-m", "synthwatch", "submit", f"{base}/roles.jpg"],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        ref_id = sub.stdout.split("\t", 1)[0]
+        ref_id = synthwatch(env, "submit", f"{base}/roles.jpg").stdout.split("\t", 1)[0]
 
         def alerted(n: int) -> Any:
             return lambda got: sum(a["id"] == ref_id for a in got[alerts_t]) >= n
@@ -405,13 +358,7 @@ def test_one_process_per_role_and_a_redelivered_verdict_changes_nothing(
         asyncio.run(redeliver())
         second = asyncio.run(_collect(services.bootstrap, [alerts_t], alerted(2), 120))
     finally:
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop_workers(*workers)
     again = [a for a in second[alerts_t] if a["id"] == ref_id]
     assert len(again) == 2
     assert again[0]["alert_id"] == again[1]["alert_id"]

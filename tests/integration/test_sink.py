@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ import pytest
 
 from synthwatch.operators.webhook import verify_signature
 from synthwatch.schemas import Alert, Segment, encode
-from tests.integration.conftest import Services
+from tests.integration.conftest import Services, start_worker, stop_workers, synthwatch
 from tests.private_services import free_port
 
 SECRET = "whsec-integration-5e1f"
@@ -183,13 +182,7 @@ def test_sink_delivers_signed_findings_retries_and_dead_letters_what_is_refused(
             "SYNTHWATCH_LOG_JSON": "true",
         }
     )
-    subprocess.run(
-        [sys.executable, "-m", "synthwatch", "topics", "create"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    synthwatch(env, "topics", "create")
     alerts = [_alert(n) for n in (1, 2, 3)]
     ok, flaky, refused = (a.alert_id for a in alerts)
     state.flaky.add(flaky)
@@ -197,13 +190,7 @@ def test_sink_delivers_signed_findings_retries_and_dead_letters_what_is_refused(
     asyncio.run(_produce(services.bootstrap, f"{run}.media.alerts", alerts))
 
     log_path = tmp_path / "sink.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "synthwatch", "worker", "--role", "sink"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = start_worker(env, "sink", log_path)
     try:
         _wait(lambda: {ok, flaky} <= set(state.delivered()), 120, "deliveries", log_path)
         dead = asyncio.run(_read_all(services.bootstrap, f"{run}.media.dlq", 1, 60))
@@ -222,11 +209,7 @@ def test_sink_delivers_signed_findings_retries_and_dead_letters_what_is_refused(
         assert replay.returncode == 0, replay.stderr
         _wait(lambda: refused in state.delivered(), 60, "the replayed alert", log_path)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers(worker)
     assert worker.returncode == 0, log_path.read_text()[-3000:]
 
     # Every POST is signed over its exact body, and carries the alert id for dedup.
