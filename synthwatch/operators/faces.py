@@ -8,6 +8,7 @@ face is found. Detection is MTCNN (Zhang et al. 2016), see `synthwatch.models.mt
 from __future__ import annotations
 
 import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -165,7 +166,8 @@ class CascadeFaceDetector:
     it about 13x faster than scikit-image's `Cascade` (about 20 ms against 300 ms for a
     640x480 frame on one core, same boxes within a few pixels), and face detection was
     most of the CPU time of a scan with our own models only (`benchmarks/bench_e2e.py`).
-    `threads` caps OpenCV's worker threads (a process-wide setting of OpenCV).
+    `threads` caps OpenCV's worker threads (a process-wide setting of OpenCV). Safe to
+    call from several threads at once.
     """
 
     name = "lbp_cascade"
@@ -175,9 +177,18 @@ class CascadeFaceDetector:
 
         if threads > 0:
             cv2.setNumThreads(threads)
-        self._cascade = _lbp_frontal_cascade()
+        _lbp_frontal_cascade()  # fail now, not on the first frame, if it cannot load
+        # One classifier per thread: detectMultiScale keeps per-call state in the object,
+        # and two threads in one classifier fail an assertion in OpenCV (setWindow).
+        self._local = threading.local()
         self._min_size = min_size
         self._max_side = max_side
+
+    def _cascade(self) -> cv2.CascadeClassifier:
+        cascade: cv2.CascadeClassifier | None = getattr(self._local, "cascade", None)
+        if cascade is None:
+            cascade = self._local.cascade = _lbp_frontal_cascade()
+        return cascade
 
     def detect(self, frames: list[npt.NDArray[np.uint8]]) -> list[list[Detection]]:
         """Faces per frame, largest first. Raises ValueError for a bad frame."""
@@ -194,7 +205,7 @@ class CascadeFaceDetector:
                 gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
             min_side = max(24, round(self._min_size / scale))
             max_side = max(min_side, min(gray.shape[:2]))
-            found = self._cascade.detectMultiScale(
+            found = self._cascade().detectMultiScale(
                 gray,
                 scaleFactor=1.2,
                 minNeighbors=4,

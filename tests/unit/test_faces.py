@@ -151,3 +151,22 @@ def test_cascade_fallback_reports_only_boxes_scikit_image_finds_with_the_same_ca
             and 0.8 < side / ref["width"] < 1.25
             for ref in reference
         )
+
+
+def test_cascade_fallback_can_be_called_from_several_threads_at_once() -> None:
+    # The engine shares one detector between its worker threads; OpenCV's classifier
+    # keeps per-call state, so sharing one across threads failed an assertion.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skimage import data
+
+    from synthwatch.operators.faces import CascadeFaceDetector
+
+    astronaut = np.ascontiguousarray(data.astronaut())
+    frames = [astronaut, np.ascontiguousarray(astronaut[:, ::-1]), astronaut[64:, 32:].copy()]
+    detector = CascadeFaceDetector()
+    expected = [detector.detect([f]) for f in frames]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: detector.detect([frames[i % 3]]), range(240)))
+    for i, got in enumerate(results):
+        assert got == expected[i % 3]
