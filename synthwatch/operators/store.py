@@ -12,7 +12,9 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +201,59 @@ class LocalStore(ObjectStore):
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
+
+
+class LocalHandoff:
+    """Media this process fetched, kept on local disk for its own detect stage.
+
+    A worker running both stages (`--role all`) otherwise reads back from the store
+    every file it has just written there: a second transfer of every item, and on a
+    cloud store a paid GET. Files are named by the sha256 the fetcher computed while
+    downloading, and only those it handed over can be taken, so a record naming some
+    other hash falls back to the store. At most `max_bytes` are kept; beyond that the
+    oldest go, and their items are read from the store as before. Thread-safe.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._dir = directory
+        self._max = max_bytes
+        self._lock = threading.Lock()
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes, oldest first
+        self._bytes = 0
+
+    def put(self, sha256: str, path: Path) -> bool:
+        """Move `path` in under `sha256` (same file system); False when it is larger
+        than the whole allowance (the caller keeps it)."""
+        size = path.stat().st_size
+        if size > self._max:
+            return False
+        with self._lock:
+            os.replace(path, self._dir / sha256)
+            self._bytes += size - self._sizes.pop(sha256, 0)
+            self._sizes[sha256] = size
+            while self._bytes > self._max:
+                old, old_size = self._sizes.popitem(last=False)
+                (self._dir / old).unlink(missing_ok=True)
+                self._bytes -= old_size
+        return True
+
+    def take(self, sha256: str, dest: Path) -> bool:
+        """Move the file handed over under `sha256` to `dest`; False when there is none."""
+        with self._lock:
+            size = self._sizes.pop(sha256, None)
+            if size is None:
+                return False
+            self._bytes -= size
+            try:
+                os.replace(self._dir / sha256, dest)
+            except FileNotFoundError:
+                return False
+        return True
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -143,6 +143,10 @@ class KafkaSettings(_Frozen):
     CPU: one at a time, a slow origin held up every ref behind it, and a burst of large
     files kept detect idle while they were copied into the store one by one."""
     detect_concurrency: int = Field(default=4, ge=1)
+    handoff_max_bytes: int = Field(default=512 * 1024**2, ge=0)
+    """`--role all` only: fetched media kept on local disk for this worker's own detect
+    stage, so it does not read back from the store what it has just written (0: off).
+    Files beyond this many bytes are dropped oldest first and read from the store."""
     session_timeout_s: float = 45.0
     """How long the group waits for a silent member (a killed worker) before handing its
     partitions to the others: Kafka's default; the broker allows 6 s to 1800 s."""

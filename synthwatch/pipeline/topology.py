@@ -45,7 +45,7 @@ from synthwatch.operators.errors import SchemaInvalid, StorageFailed, Synthwatch
 from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.netguard import redact_url
-from synthwatch.operators.store import S3Store, blob_key
+from synthwatch.operators.store import LocalHandoff, S3Store, blob_key
 from synthwatch.operators.webhook import Attempt, WebhookSink
 from synthwatch.pipeline import metrics, tracing
 from synthwatch.pipeline.engine import Engine, Item, build_policy, decide
@@ -199,6 +199,11 @@ class Pipeline:
         self.explainer: Explainer | None = None
         self.fetcher: Fetcher | None = None
         self.sink: WebhookSink | None = None
+        self.handoff = (
+            LocalHandoff(self.work_dir / "handoff", settings.kafka.handoff_max_bytes)
+            if role == "all" and settings.kafka.handoff_max_bytes > 0
+            else None
+        )
         self._wire()
 
     def _raw_topic(self, name: str) -> Any:
@@ -301,6 +306,8 @@ class Pipeline:
             if not self.store.exists(key):
                 self.store.put_file_if_absent(key, got.path, content_type=got.mime)
             self.faults.hit("fetch.after_store")
+            if self.handoff is not None and got.path.parent == item_dir:
+                self.handoff.put(got.sha256, got.path)
         finally:
             shutil.rmtree(item_dir, ignore_errors=True)
         out = FetchedMedia(
@@ -406,7 +413,9 @@ class Pipeline:
         expected = blob_key(self.settings.s3.blob_prefix, sha256)
         if key != expected:
             raise SchemaInvalid(f"blob {key!r} is not the blob of sha256 {sha256[:16]}…")
-        return _BlobFile(self.store, key, self.work_dir / f"{sha256}-{time.monotonic_ns()}")
+        path = self.work_dir / f"{sha256}-{time.monotonic_ns()}"
+        handed = self.handoff is not None and self.handoff.take(sha256, path)
+        return _BlobFile(self.store, key, path, present=handed)
 
     def _stage(
         self, stage: Stage, work: Callable[[bytes | None], tuple[Any, bytes, bytes] | None]
@@ -783,12 +792,15 @@ def _view(handler: Callable[[Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]
 
 
 class _BlobFile:
-    """Download a blob to a local file for the duration of a `with` block."""
+    """Download a blob to a local file for the duration of a `with` block (`present`:
+    the file is there already, handed over by this worker's fetch stage)."""
 
-    def __init__(self, store: S3Store, key: str, path: Path) -> None:
-        self.store, self.key, self.path = store, key, path
+    def __init__(self, store: S3Store, key: str, path: Path, *, present: bool = False) -> None:
+        self.store, self.key, self.path, self.present = store, key, path, present
 
     def __enter__(self) -> Path:
+        if self.present:
+            return self.path
         try:
             self.store.download(self.key, self.path)
         except StorageFailed:
