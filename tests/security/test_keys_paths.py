@@ -375,7 +375,9 @@ def test_local_blob_path_is_inside_the_work_directory_for_a_decoded_record(
     tmp_path: Path,
 ) -> None:
     verdict = decode(encode(_verdict()), Verdict)
-    pipeline: Any = SimpleNamespace(store=None, work_dir=tmp_path, settings=Settings())
+    pipeline: Any = SimpleNamespace(
+        store=None, work_dir=tmp_path, settings=Settings(), handoff=None
+    )
     blob_file = Pipeline._local_blob(pipeline, verdict.blob, verdict.sha256)
     assert blob_file.path.parent == tmp_path
     assert re.fullmatch(rf"{SHA}-\d+", blob_file.path.name)
