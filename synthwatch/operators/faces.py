@@ -177,10 +177,11 @@ class CascadeFaceDetector:
 
         if threads > 0:
             cv2.setNumThreads(threads)
-        _lbp_frontal_cascade()  # fail now, not on the first frame, if it cannot load
         # One classifier per thread: detectMultiScale keeps per-call state in the object,
         # and two threads in one classifier fail an assertion in OpenCV (setWindow).
+        # This thread's is loaded now, so a cascade that cannot load fails at start.
         self._local = threading.local()
+        self._local.cascade = _lbp_frontal_cascade()
         self._min_size = min_size
         self._max_side = max_side
 

@@ -68,43 +68,31 @@ def test_a_slow_origin_does_not_hold_up_the_refs_behind_it(
         def submit(url: str) -> str:
             return synthwatch(env, "submit", url).stdout.split("\t", 1)[0]
 
+        def fetched_ids(until: str, timeout: float) -> list[str]:
+            """Ids on media.fetched once `until` is among them, or at `timeout`."""
+            got = asyncio.run(
+                _collect(
+                    services.bootstrap,
+                    [fetched_t],
+                    lambda g: any(r["id"] == until for r in g[fetched_t]),
+                    timeout,
+                )
+            )
+            return [r["id"] for r in got[fetched_t]]
+
         # Warm: the worker has joined its group and fetched once before the timing.
         warm = submit(f"{base}/fast-b.png")
-        got = asyncio.run(
-            _collect(
-                services.bootstrap,
-                [fetched_t],
-                lambda g: any(r["id"] == warm for r in g[fetched_t]),
-                120,
-            )
-        )
-        assert any(r["id"] == warm for r in got[fetched_t]), log.read_text(errors="replace")
+        assert warm in fetched_ids(warm, 120), log.read_text(errors="replace")
 
         slow = submit(f"{base}/slow-a.jpg")
         t0 = time.monotonic()
         fast = submit(f"{base}/fast-b.png")
-        got = asyncio.run(
-            _collect(
-                services.bootstrap,
-                [fetched_t],
-                lambda g: any(r["id"] == fast for r in g[fetched_t]),
-                SLOW_S - 1.0,
-            )
-        )
+        ids = fetched_ids(fast, SLOW_S - 1.0)
         fast_after = time.monotonic() - t0
-        ids = [r["id"] for r in got[fetched_t]]
         assert fast in ids, f"the second ref waited for the slow origin ({fast_after:.1f} s)"
         assert slow not in ids  # still waiting on its origin
         release.set()
-        got = asyncio.run(
-            _collect(
-                services.bootstrap,
-                [fetched_t],
-                lambda g: any(r["id"] == slow for r in g[fetched_t]),
-                60,
-            )
-        )
-        assert any(r["id"] == slow for r in got[fetched_t])  # and it still arrives
+        assert slow in fetched_ids(slow, 60)  # and it still arrives
     finally:
         stop_workers(worker)
     assert worker.returncode == 0, log.read_text(errors="replace")[-3000:]
