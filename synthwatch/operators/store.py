@@ -13,8 +13,10 @@ import os
 import re
 import tempfile
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,41 +212,63 @@ class LocalHandoff:
     every file it has just written there: a second transfer of every item, and on a
     cloud store a paid GET. Files are named by the sha256 the fetcher computed while
     downloading, and only those it handed over can be taken, so a record naming some
-    other hash falls back to the store. At most `max_bytes` are kept; beyond that the
-    oldest go, and their items are read from the store as before. Thread-safe.
+    other hash falls back to the store. Thread-safe.
+
+    At most `max_bytes` are held. When a new file would not fit, it is the newcomer that
+    is left out (its item is read from the store), not the files already held: detect
+    takes each partition in the order fetch handed it over, so the oldest files are the
+    ones it needs next. (Dropping the oldest instead, under a backlog, dropped every file
+    just before detect reached it.) A file nobody took within `max_age_s` (its partition
+    moved to another worker in a rebalance, or its record was dead-lettered) makes room.
     """
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        *,
+        max_age_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._dir = directory
         self._max = max_bytes
+        self._max_age = max_age_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._sizes: OrderedDict[str, int] = OrderedDict()  # sha256 -> bytes, oldest first
+        # sha256 -> (bytes, when handed over), oldest first
+        self._held: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._bytes = 0
 
     def put(self, sha256: str, path: Path) -> bool:
-        """Move `path` in under `sha256` (same file system); False when it is larger
-        than the whole allowance (the caller keeps it)."""
+        """Move `path` in under `sha256` (same file system); False when it does not fit
+        (the caller keeps it)."""
         size = path.stat().st_size
-        if size > self._max:
-            return False
         with self._lock:
-            os.replace(path, self._dir / sha256)
-            self._bytes += size - self._sizes.pop(sha256, 0)
-            self._sizes[sha256] = size
-            while self._bytes > self._max:
-                old, old_size = self._sizes.popitem(last=False)
+            now = self._clock()
+            if sha256 in self._held:  # the same media again: one copy is enough
+                return False
+            while self._held and self._bytes + size > self._max:
+                old, (old_size, since) = next(iter(self._held.items()))
+                if now - since < self._max_age:
+                    break
+                del self._held[old]
                 (self._dir / old).unlink(missing_ok=True)
                 self._bytes -= old_size
+            if self._bytes + size > self._max:
+                return False
+            os.replace(path, self._dir / sha256)
+            self._held[sha256] = (size, now)
+            self._bytes += size
         return True
 
     def take(self, sha256: str, dest: Path) -> bool:
         """Move the file handed over under `sha256` to `dest`; False when there is none."""
         with self._lock:
-            size = self._sizes.pop(sha256, None)
-            if size is None:
+            held = self._held.pop(sha256, None)
+            if held is None:
                 return False
-            self._bytes -= size
+            self._bytes -= held[0]
             try:
                 os.replace(self._dir / sha256, dest)
             except FileNotFoundError:

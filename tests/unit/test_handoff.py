@@ -34,17 +34,37 @@ def test_only_hashes_handed_over_can_be_taken(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_beyond_its_allowance_the_oldest_files_go(tmp_path: Path) -> None:
+def test_when_full_the_newcomer_is_left_to_the_store(tmp_path: Path) -> None:
+    # Detect takes files in the order fetch handed them over: the oldest are needed next.
     handoff = LocalHandoff(tmp_path / "handoff", max_bytes=250)
-    for name in ("first", "second", "third"):
-        assert handoff.put(name, _file(tmp_path, name, 100))
+    assert handoff.put("first", _file(tmp_path, "first", 100))
+    assert handoff.put("second", _file(tmp_path, "second", 100))
+    third = _file(tmp_path, "third", 100)
+    assert not handoff.put("third", third)
+    assert third.exists()  # the caller keeps it (and its detect reads the store)
     assert handoff.held_bytes == 200
-    assert sorted(p.name for p in (tmp_path / "handoff").iterdir()) == ["second", "third"]
-    assert not handoff.take("first", tmp_path / "f")
-    assert handoff.take("third", tmp_path / "t")
+    assert handoff.take("first", tmp_path / "f")
+    assert handoff.put("fourth", _file(tmp_path, "fourth", 100))  # room again
+    assert sorted(p.name for p in (tmp_path / "handoff").iterdir()) == ["fourth", "second"]
     big = _file(tmp_path, "big", 300)
-    assert not handoff.put("big", big)  # larger than the whole allowance: left to the caller
+    assert not handoff.put("big", big)  # larger than the whole allowance
     assert big.exists()
+
+
+def test_files_nobody_took_make_room_after_max_age(tmp_path: Path) -> None:
+    # A partition moved to another worker: its files here would never be taken.
+    now = [0.0]
+    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=250, max_age_s=600, clock=lambda: now[0])
+    assert handoff.put("orphan", _file(tmp_path, "orphan", 100))
+    now[0] = 300.0
+    assert handoff.put("recent", _file(tmp_path, "recent", 100))
+    assert not handoff.put("early", _file(tmp_path, "early", 100))  # orphan is 300 s old
+    now[0] = 601.0
+    assert handoff.put("late", _file(tmp_path, "late", 100))  # orphan is stale: dropped
+    assert not handoff.take("orphan", tmp_path / "o")
+    assert handoff.take("recent", tmp_path / "r")
+    assert handoff.take("late", tmp_path / "l")
+    assert handoff.held_bytes == 0
 
 
 def test_the_same_media_fetched_twice_is_held_once(tmp_path: Path) -> None:
