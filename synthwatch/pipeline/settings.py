@@ -43,16 +43,19 @@ class SampleSettings(_Frozen):
     """Frames per video item, spread evenly over the duration."""
     seconds_per_frame: float | None = None
     """If set, one frame every k seconds (capped by max_frames) instead of `frames` per item."""
-    mode: Literal["exact", "keyframes", "adaptive"] = "exact"
-    """exact: seek or decode forward to each target time; keyframes: keyframes only, topped up
-    with exact targets when they are too few (cheaper, approximate); adaptive: a keyframe for
-    each target that has one of its own within half the target spacing (so every frame still
-    lies in its target's slice of the duration), exact frames for the rest: keyframe-cheap on
-    short GOPs, about exact seek's cost on long ones. Exact stays the default: the detectors'
-    calibration was fitted on exact frames, and keyframes (intra-coded) carry different
-    compression artefacts from the P/B frames most of a video is made of; on the dev set
-    they raised sbi_face's raw score on 9 of 13 real videos (raw video AUC 0.865 exact,
-    0.788 adaptive), for about 1.5x the throughput (benchmarks/bench_e2e.py)."""
+    mode: Literal["exact", "keyframes", "adaptive"] = "adaptive"
+    """adaptive (default): a keyframe for each target that has one of its own within half
+    the target spacing (so every frame still lies in its target's slice of the duration),
+    exact frames for the rest: keyframe-cheap on short GOPs, about exact seek's cost on
+    long ones; 22x cheaper per frame than a full decode on a 1080p clip with a keyframe a
+    second (benchmarks/bench_sampling.py). exact: seek or decode forward to each target
+    time. keyframes: keyframes only, topped up with exact targets when they are too few.
+
+    Exact was the default until it turned out that its better dev-set score was the face
+    model recognising its own training frames: sbi_face was trained on the 16 evenly
+    spaced frames that exact mode draws from the dev clips, and with 15 or 17 frames
+    (frames it never saw) exact's raw video AUC fell from 0.865 to 0.73 and 0.69, as low
+    as adaptive's 0.75 on the same 15 targets (docs/EVALUATION.md)."""
     max_frames: int = 64
     max_pixels: int = 8192 * 8192
     max_streams: int = 16

@@ -20,7 +20,7 @@ from synthwatch.pipeline.settings import SampleSettings
 # tests/ has no conftest of its own to put media_factory on the path.
 from tests import media_factory as mf
 
-SETTINGS = SampleSettings(frames=8)
+SETTINGS = SampleSettings(frames=8, mode="exact")  # most tests here are about exact mode
 KEYFRAMES = SampleSettings(frames=8, mode="keyframes")
 FPS = 25
 
