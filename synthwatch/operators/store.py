@@ -16,7 +16,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,10 @@ class LocalHandoff:
     ones it needs next. (Dropping the oldest instead, under a backlog, dropped every file
     just before detect reached it.) A file nobody took within `max_age_s` (its partition
     moved to another worker in a rebalance, or its record was dead-lettered) makes room.
+
+    `room()` lets the fetch stage wait until detect has taken enough to make room, so
+    that a burst is fetched at detect's pace instead of far ahead of it (beyond the
+    allowance every file went to the store and was read back from there).
     """
 
     def __init__(
@@ -235,10 +240,55 @@ class LocalHandoff:
         self._max = max_bytes
         self._max_age = max_age_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         # sha256 -> (bytes, when handed over), oldest first
         self._held: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._bytes = 0
+        self._reserved = 0  # bytes promised to fetches in progress (`room`)
+        self._taken = 0  # files taken so far: detect's progress
+        self._closed = False
+
+    @contextmanager
+    def room(self, wait_s: float) -> Iterator[None]:
+        """Wait, at most `wait_s`, until a file of the size held files have on average
+        fits beside those held and those other fetches in progress were promised; the
+        promise lasts until the block ends (`put` inside it). A wait that runs out with
+        no file taken meanwhile means nobody will take the held ones (their partitions
+        moved in a rebalance): they are dropped. Either way the block then runs, so a
+        fetch is delayed by at most `wait_s`, never refused."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            need = self._bytes // len(self._held) if self._held else 0
+            taken = self._taken
+            while (
+                not self._closed and self._held and self._bytes + self._reserved + need > self._max
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self._taken == taken:
+                        self._drop_all()
+                    break
+                self._lock.wait(left)
+            self._reserved += need
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= need
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """Stop making fetches wait (shutdown)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    def _drop_all(self) -> None:
+        for sha256 in self._held:
+            (self._dir / sha256).unlink(missing_ok=True)
+        self._held.clear()
+        self._bytes = 0
+        self._lock.notify_all()
 
     def put(self, sha256: str, path: Path) -> bool:
         """Move `path` in under `sha256` (same file system); False when it does not fit
@@ -269,6 +319,8 @@ class LocalHandoff:
             if held is None:
                 return False
             self._bytes -= held[0]
+            self._taken += 1
+            self._lock.notify_all()
             try:
                 os.replace(self._dir / sha256, dest)
             except FileNotFoundError:

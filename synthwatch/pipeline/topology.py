@@ -22,6 +22,7 @@ schema, null value) becomes a DLQ record instead of a crashed agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import random
@@ -72,6 +73,9 @@ T = TypeVar("T")
 log = structlog.get_logger("synthwatch.topology")
 
 ATTEMPT_HEADER = "synthwatch-attempt"
+HANDOFF_WAIT_S = 30.0
+"""--role all: how long a fetch waits for its own detect stage to make room in the local
+hand-off before going ahead anyway (a long analysis must not stall fetching for good)."""
 """Header on a record re-sent to its stage's topic from the retry topic: how many
 retry-topic attempts it has had."""
 ORIGINAL_MAX_CHARS = 900_000
@@ -297,17 +301,20 @@ class Pipeline:
         ref = decode(raw, MediaRef)
         assert self.fetcher is not None
         item_dir = Path(tempfile.mkdtemp(dir=self.work_dir))
+        # --role all: fetch at the pace its own detect takes the files (see LocalHandoff).
+        paced = self.handoff.room(HANDOFF_WAIT_S) if self.handoff else contextlib.nullcontext()
         try:
-            got = self.fetcher.fetch(ref.url, item_dir)
-            structlog.contextvars.bind_contextvars(sha256=got.sha256, id=ref.id)
-            key = blob_key(self.settings.s3.blob_prefix, got.sha256)
-            # Popular media is submitted again and again: skip the upload when present
-            # (the conditional PUT would refuse it anyway, after sending every byte).
-            if not self.store.exists(key):
-                self.store.put_file_if_absent(key, got.path, content_type=got.mime)
-            self.faults.hit("fetch.after_store")
-            if self.handoff is not None and got.path.parent == item_dir:
-                self.handoff.put(got.sha256, got.path)
+            with paced:
+                got = self.fetcher.fetch(ref.url, item_dir)
+                structlog.contextvars.bind_contextvars(sha256=got.sha256, id=ref.id)
+                key = blob_key(self.settings.s3.blob_prefix, got.sha256)
+                # Popular media is submitted again and again: skip the upload when present
+                # (the conditional PUT would refuse it anyway, after sending every byte).
+                if not self.store.exists(key):
+                    self.store.put_file_if_absent(key, got.path, content_type=got.mime)
+                self.faults.hit("fetch.after_store")
+                if self.handoff is not None and got.path.parent == item_dir:
+                    self.handoff.put(got.sha256, got.path)
         finally:
             shutil.rmtree(item_dir, ignore_errors=True)
         out = FetchedMedia(
@@ -728,6 +735,8 @@ class Pipeline:
             self.lag_reported.add((tp.topic, str(tp.partition)))
 
     def close(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
         if self.engine is not None:
             self.engine.close()
         if self.fetcher is not None:
