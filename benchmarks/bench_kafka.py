@@ -24,6 +24,7 @@ import functools
 import http.server
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,17 +280,54 @@ class Run:
         return seen
 
 
-def service_cpu_s(svc: PrivateServices) -> dict[str, float]:
-    """CPU seconds used so far by the broker and the store (their pid files)."""
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of the process and of the children it reaped)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {}
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = sum(int(f) for f in fields[11:15]) / tick
+        table[int(entry.name)] = (int(fields[1]), cpu)
+    return table
+
+
+def tree_cpu_s(pid: int, table: dict[int, tuple[int, float]] | None = None) -> float:
+    """CPU seconds used so far by `pid` and every live descendant (a worker and its
+    decoder sandbox children), including the children they reaped."""
+    table = _proc_table() if table is None else table
+    kids: dict[int, list[int]] = {}
+    for child, (parent, _cpu) in table.items():
+        kids.setdefault(parent, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in table:
+            total += table[p][1]
+        todo.extend(kids.get(p, []))
+    return total
+
+
+def service_cpu_s(svc: PrivateServices, workers: Sequence[Worker] = ()) -> dict[str, float]:
+    """CPU seconds used so far by the broker, the store (their pid files), the workers
+    (with their decoder children) and this process (the origin server's threads and
+    our consumer of verdicts: the harness)."""
+    table = _proc_table()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"harness": own.ru_utime + own.ru_stime}
     for name, pid_file in (("kafka", "kafka/kafka.pid"), ("s3", "seaweedfs/weed.pid")):
         try:
             pid = int((svc.state_dir / pid_file).read_text().split()[0])
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, ValueError, IndexError):
             continue
-        out[name] = (int(fields[11]) + int(fields[12])) / tick
+        if pid in table:
+            out[name] = tree_cpu_s(pid, table)
+    for i, w in enumerate(workers):
+        out[f"worker{i}"] = tree_cpu_s(w.proc.pid, table)
     return out
 
 
@@ -342,11 +380,11 @@ def measure_kafka(
         run.start(workers)
         warm = run.submit(urls[: 2 * workers])  # ONNX sessions, decoder children, etc.
         run.collect(set(warm), timeout=300)
-        before = service_cpu_s(svc)
+        before = service_cpu_s(svc, run.workers)
         sent = run.submit(urls, rotate_every)
         t0 = min(sent.values())
         done = run.collect(set(sent), timeout=600 + 30 * len(urls))
-        after = service_cpu_s(svc)
+        after = service_cpu_s(svc, run.workers)
     finally:
         run.stop()
     return KafkaResult(
@@ -360,17 +398,33 @@ def measure_kafka(
     )
 
 
+def cpu_note(run: KafkaResult, embedded: bench_e2e.Measured) -> str:
+    """Where the cores' CPU-seconds went during a Kafka run, beside embedded's total."""
+    cpu = run.service_cpu_s
+    had = bench_e2e.CORES * run.wall_s
+    worker = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    used = worker + sum(cpu.get(k, 0.0) for k in ("s3", "kafka", "harness"))
+    return (
+        f"CPU-s during the {run.workers}-worker run (threads={run.threads}), of the "
+        f"{had:.1f} the {bench_e2e.CORES} cores had: worker(s) {worker:.1f} (embedded used "
+        f"{embedded.cpu_s:.1f} for the same items), store {cpu.get('s3', 0.0):.1f}, broker "
+        f"{cpu.get('kafka', 0.0):.1f}, this harness (origin server, verdict consumer) "
+        f"{cpu.get('harness', 0.0):.1f}, idle or other processes {had - used:.1f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="fewer items (about 3 minutes)")
+    ap.add_argument("--quick", action="store_true", help="the quick media set (about 3 minutes)")
     args = ap.parse_args(argv)
     from synthwatch.pipeline import logging as sw_logging
 
     sw_logging.configure("WARNING", None)
-    # Full: the set once per partition, rotated (see Run.submit), so the scaling pair
-    # measures the workers, not which of them drew the 1080p clips.
+    # The set once per partition, rotated (see Run.submit), so the scaling pair measures
+    # the workers, not which of them drew the 1080p clips. The quick set alone (8 items,
+    # about 4 s of work) measured mostly the first fetch and the last item's tail.
     distinct = bench_e2e.media_set(args.quick)
-    paths = distinct * (1 if args.quick else PARTITIONS)
+    paths = distinct * PARTITIONS
     with (
         tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp,
         private_services() as svc,
@@ -431,11 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         "scaling pair: SYNTHWATCH_MODELS__THREADS=1, SYNTHWATCH_KAFKA__DETECT_CONCURRENCY=1 "
         "per worker, 4 partitions",
         "bundled models only; SYNTHWATCH_POLICY__ALERT_ON=[] so no evidence is written",
-        f"media: {sum(p.stat().st_size for p in paths) / 1e6:.0f} MB in all; during the "
-        f"1-worker run the store used {k_full.service_cpu_s.get('s3', 0.0):.1f} CPU-s and the "
-        f"broker {k_full.service_cpu_s.get('kafka', 0.0):.1f} of the "
-        f"{bench_e2e.CORES * k_full.wall_s:.1f} the {bench_e2e.CORES} cores had "
-        "(they share the cores with the worker here)",
+        f"media: {sum(p.stat().st_size for p in paths) / 1e6:.0f} MB in all",
+        cpu_note(k_full, embedded),
     ]
     report.save()
     return 0
