@@ -618,6 +618,7 @@ def eval_cmd(
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
 ) -> None:
     """Scan labelled media and report AUC, EER, precision/recall/FPR per media type."""
+    from synthwatch.models.registry import ModelStore
     from synthwatch.pipeline import evaluate as ev
     from synthwatch.pipeline.engine import build_policy, load_calibration
 
@@ -625,10 +626,15 @@ def eval_cmd(
     scored, fitted_on = _scan_labelled(settings, labels, workers)
     calibration, _ = load_calibration(settings.models)
     policy = build_policy(settings)
-    report = ev.report(scored, calibration, policy)
+    # Items our own models were trained on score better than unseen ones: mark them.
+    used = {sig.model.split("@")[0] for s in scored if s.verdict for sig in s.verdict.signals}
+    splits = ev.training_splits(ModelStore(settings.model_dir), used)
+    report = ev.report(scored, calibration, policy, seen=ev.seen_in_training(scored, splits))
     report["labels"] = fitted_on
     report["calibration_fitted_on"] = calibration.fitted_on
+    report["signals"] = ev.signal_table(report)
     _print_eval(report, "as configured")
+    _print_signals(report["signals"])
     if folds > 1:
         held_out = ev.cross_validate(scored, policy, folds=folds)
         cv = ev.report(scored, calibration, policy, scores_override=held_out)
@@ -656,6 +662,25 @@ def eval_cmd(
         err.print(f"ROC curves written to {plot}", highlight=False)
     if report["errors"]:
         raise typer.Exit(1)
+
+
+def _print_signals(rows: list[dict[str, Any]]) -> None:
+    table = Table(
+        title="each signal alone (raw AUC; then without the items its model was trained on)",
+        title_justify="left",
+    )
+    for col in ("signal", "n", "fake", "AUC", "n unseen", "fake", "AUC unseen"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        a, u = row["all"], row["not_trained_on"]
+        table.add_row(
+            row["signal"],
+            *(
+                "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+                for v in (a["n"], a["n_fake"], a["auc"], u["n"], u["n_fake"], u["auc"])
+            ),
+        )
+    out.print(table)
 
 
 def _print_eval(report: dict[str, Any], title: str) -> None:

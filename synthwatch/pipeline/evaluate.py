@@ -10,7 +10,11 @@ uncalibrated signals. From those:
 - `cross_validate` refits the calibration on k-1 folds and scores the held-out fold,
   so numbers reported on the items the shipped calibration was fitted on are not
   fitted to them (stratified folds, fixed seed);
-- `fit_calibration` fits one calibrator per signal on all items.
+- `fit_calibration` fits one calibrator per signal on all items;
+- `signal_table` gives each signal's own AUC, also over only the items its model was
+  not trained on: a model trained by `synthwatch train` lists the sha256 of every file
+  it learned from in the report beside its weights (`training_splits`), so a labelled
+  set that shares files with its training data is reported as such.
 
 A verdict's score is recomputed from its signals (`fuse.calibrate` + `fuse.combine` +
 the policy), which is exactly what the engine does, so refitting needs no rescan.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ import numpy as np
 from synthwatch.operators import calibrate as cal
 from synthwatch.operators import fuse
 from synthwatch.operators.calibrate import Calibration, Calibrator, Method
-from synthwatch.operators.errors import InvalidInput
+from synthwatch.operators.errors import InvalidInput, ModelUnavailable
 from synthwatch.operators.policy import Policy
 from synthwatch.schemas import Decision, Signal, Verdict
 
@@ -90,6 +95,86 @@ def read_labels(csv_path: Path) -> list[Labelled]:
 
 def file_id(path: Path) -> str:
     return f"{path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- training overlap --------------------------------------------------------------------
+
+
+def training_splits(store: Any, models: Iterable[str]) -> dict[str, dict[str, str]]:
+    """model name -> {sha256 of a file its training run read: "train" | "val" | ...}.
+
+    Read from the report `synthwatch train` writes beside the weights (`<name>.json`),
+    and only when that report names the very weights in use. Models without such a
+    report (third-party weights) are left out: what they were trained on is unknown
+    here."""
+    out: dict[str, dict[str, str]] = {}
+    for name in sorted(set(models)):
+        try:
+            spec = store.spec(name)
+            weights = store.resolve(name)[0]
+        except ModelUnavailable:
+            continue
+        report = weights.with_suffix(".json")
+        try:
+            data = json.loads(report.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or data.get("weights_sha256") != spec.files[0].sha256:
+            continue
+        sources = data.get("data", {}).get("sources", [])
+        out[name] = {
+            str(src["sha256"]): str(src.get("split", "train"))
+            for src in sources
+            if isinstance(src, dict) and "sha256" in src
+        }
+    return out
+
+
+def seen_in_training(
+    scored: Sequence[Scored], splits: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str]]:
+    """item path (as in the CSV) -> {model: the split its training run put the file in},
+    for the items some model's training run read."""
+    seen: dict[str, dict[str, str]] = {}
+    for s in scored:
+        if not splits or not s.item.path.is_file():
+            continue
+        digest = sha256_file(s.item.path)
+        hits = {model: by_sha[digest] for model, by_sha in splits.items() if digest in by_sha}
+        if hits:
+            seen[s.item.rel] = hits
+    return seen
+
+
+def signal_table(report_: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each signal alone: the AUC of its raw score over the items that have it, and over
+    those of them its model was not trained on (items in its validation split count as
+    not trained on; the report's items carry `trained_on` from `seen_in_training`)."""
+    ok = [r for r in report_["items"] if "error" not in r]
+    names = sorted({name for r in ok for name in r.get("signals", {})})
+    rows = []
+    for name in names:
+        have = [r for r in ok if r["signals"].get(name) is not None]
+        unseen = [r for r in have if r.get("trained_on", {}).get(name) != "train"]
+        row: dict[str, Any] = {"signal": name}
+        for key, part in (("all", have), ("not_trained_on", unseen)):
+            labels = [LABELS[r["label"]] for r in part]
+            auc, _ = auc_eer(labels, [float(r["signals"][name]) for r in part])
+            row[key] = {
+                "n": len(part),
+                "n_fake": int(sum(labels)),
+                "auc": None if auc is None else round(auc, 4),
+            }
+        rows.append(row)
+    return rows
 
 
 # --- rescoring ---------------------------------------------------------------------------
@@ -213,9 +298,11 @@ def report(
     policy: Policy,
     *,
     scores_override: dict[str, float] | None = None,
+    seen: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The `{"overall", "by_type", "items"}` report (items that failed to scan are
-    listed with their error and left out of the metrics)."""
+    listed with their error and left out of the metrics); `seen` (`seen_in_training`)
+    adds `trained_on` to the items a model was trained or validated on."""
     rows: list[dict[str, Any]] = []
     for s in scored:
         if s.verdict is None:
@@ -238,6 +325,8 @@ def report(
                 },
             }
         )
+        if seen and s.item.rel in seen:
+            rows[-1]["trained_on"] = seen[s.item.rel]
     ok = [r for r in rows if "error" not in r]
     by_type: dict[str, Any] = {}
     for mt in sorted({r["media_type"] for r in ok}):
@@ -363,6 +452,21 @@ def markdown(report_: dict[str, Any]) -> str:
         return lines
 
     out = ["As configured (shipped calibration):", "", *table(report_), ""]
+    if report_.get("signals"):
+        out += [
+            "Each signal alone (raw scores, AUC over the items that have the signal; "
+            "no fitting). The last columns leave out the items its model was trained on:",
+            "",
+            "| signal | items | fake | AUC | not trained on: items | fake | AUC |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in report_["signals"]:
+            a, u = row["all"], row["not_trained_on"]
+            out.append(
+                f"| `{row['signal']}` | {a['n']} | {a['n_fake']} | {fmt(a['auc'])} "
+                f"| {u['n']} | {u['n_fake']} | {fmt(u['auc'])} |"
+            )
+        out.append("")
     if "cross_validated" in report_:
         cv = report_["cross_validated"]
         out += [

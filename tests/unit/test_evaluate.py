@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from synthwatch.operators import calibrate as cal
-from synthwatch.operators.errors import InvalidInput
+from synthwatch.operators.errors import InvalidInput, ModelUnavailable
 from synthwatch.operators.policy import Policy
 from synthwatch.pipeline import evaluate as ev
 from synthwatch.schemas import Signal, Verdict
@@ -124,3 +127,65 @@ def test_audio_models_are_calibrated_on_audio_items_only() -> None:
     ]
     c = ev.fit_calibration(items).get("voice", "voice@1")
     assert c is not None and c.n == 4 and c.apply(0.9) > c.apply(0.1)
+
+
+class _Store:
+    """The two ModelStore calls training_splits makes, over one weights file."""
+
+    def __init__(self, weights: Path) -> None:
+        self.weights = weights
+
+    def spec(self, name: str) -> Any:
+        if name != "m":
+            raise ModelUnavailable(f"unknown model {name!r}")
+        files = [SimpleNamespace(sha256=ev.sha256_file(self.weights))]
+        return SimpleNamespace(files=files)
+
+    def resolve(self, name: str) -> tuple[Path, ...]:
+        self.spec(name)
+        return (self.weights,)
+
+
+def test_items_a_model_was_trained_on_are_marked_and_left_out_of_its_unseen_auc(
+    tmp_path: Path,
+) -> None:
+    files = {}
+    for name in ("a", "b", "c", "d"):
+        files[name] = tmp_path / f"{name}.jpg"
+        files[name].write_bytes(name.encode() * 100)
+    weights = tmp_path / "m.pt"
+    weights.write_bytes(b"weights")
+    sources = [
+        {"sha256": ev.sha256_file(files["a"]), "split": "train"},
+        {"sha256": ev.sha256_file(files["b"]), "split": "val"},
+    ]
+    report_file = weights.with_suffix(".json")
+    report_file.write_text(
+        json.dumps({"weights_sha256": ev.sha256_file(weights), "data": {"sources": sources}})
+    )
+    # a: a real item the model was trained on, and remembers; b: validation only.
+    labels = {"a": 0, "b": 0, "c": 1, "d": 1}
+    scores = {"a": 0.05, "b": 0.9, "c": 0.8, "d": 0.7}
+    items = [
+        ev.Scored(
+            item=ev.Labelled(path=files[n], rel=f"{n}.jpg", label=labels[n]),
+            verdict=verdict(scores[n]),  # one signal, m, of model m
+        )
+        for n in files
+    ]
+    splits = ev.training_splits(_Store(weights), ["m", "spectral_grid"])
+    seen = ev.seen_in_training(items, splits)
+    assert seen == {"a.jpg": {"m": "train"}, "b.jpg": {"m": "val"}}
+
+    rep = ev.report(items, cal.EMPTY, POLICY, seen=seen)
+    assert rep["items"][0]["trained_on"] == {"m": "train"}
+    assert "trained_on" not in rep["items"][2]
+    [row] = ev.signal_table(rep)
+    assert row["all"] == {"n": 4, "n_fake": 2, "auc": 0.5}
+    # Without the item it was trained on, the real left scores above both fakes.
+    assert row["not_trained_on"] == {"n": 3, "n_fake": 2, "auc": 0.0}
+    assert "not trained on" in ev.markdown({**rep, "signals": [row]})
+
+    # A report that names other weights says nothing about these.
+    report_file.write_text(json.dumps({"weights_sha256": "0" * 64, "data": {"sources": sources}}))
+    assert ev.training_splits(_Store(weights), ["m"]) == {}
