@@ -253,9 +253,10 @@ class LocalHandoff:
         """Wait, at most `wait_s`, until a file of the size held files have on average
         fits beside those held and those other fetches in progress were promised; the
         promise lasts until the block ends (`put` inside it). A wait that runs out with
-        no file taken meanwhile means nobody will take the held ones (their partitions
-        moved in a rebalance): they are dropped. Either way the block then runs, so a
-        fetch is delayed by at most `wait_s`, never refused."""
+        no file taken meanwhile means nobody may take the held ones soon (their
+        partitions moved in a rebalance, or detect is stuck on a long item): they are
+        dropped, and their items are read from the store. Either way the block then runs,
+        so a fetch is delayed by at most `wait_s`, never refused."""
         deadline = time.monotonic() + wait_s
         with self._lock:
             need = self._bytes // len(self._held) if self._held else 0
