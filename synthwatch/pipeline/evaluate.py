@@ -97,14 +97,6 @@ def file_id(path: Path) -> str:
     return f"{path.name} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- training overlap --------------------------------------------------------------------
 
 
@@ -143,11 +135,13 @@ def seen_in_training(
 ) -> dict[str, dict[str, str]]:
     """item path (as in the CSV) -> {model: the split its training run put the file in},
     for the items some model's training run read."""
+    from synthwatch.train.data import file_sha256  # the hash the training reports hold
+
     seen: dict[str, dict[str, str]] = {}
     for s in scored:
         if not splits or not s.item.path.is_file():
             continue
-        digest = sha256_file(s.item.path)
+        digest = file_sha256(s.item.path)
         hits = {model: by_sha[digest] for model, by_sha in splits.items() if digest in by_sha}
         if hits:
             seen[s.item.rel] = hits

@@ -15,6 +15,7 @@ from synthwatch.operators.errors import InvalidInput, ModelUnavailable
 from synthwatch.operators.policy import Policy
 from synthwatch.pipeline import evaluate as ev
 from synthwatch.schemas import Signal, Verdict
+from synthwatch.train.data import file_sha256
 
 POLICY = Policy(version="p", flag_threshold=0.8, review_threshold=0.5)
 
@@ -138,7 +139,7 @@ class _Store:
     def spec(self, name: str) -> Any:
         if name != "m":
             raise ModelUnavailable(f"unknown model {name!r}")
-        files = [SimpleNamespace(sha256=ev.sha256_file(self.weights))]
+        files = [SimpleNamespace(sha256=file_sha256(self.weights))]
         return SimpleNamespace(files=files)
 
     def resolve(self, name: str) -> tuple[Path, ...]:
@@ -156,12 +157,12 @@ def test_items_a_model_was_trained_on_are_marked_and_left_out_of_its_unseen_auc(
     weights = tmp_path / "m.pt"
     weights.write_bytes(b"weights")
     sources = [
-        {"sha256": ev.sha256_file(files["a"]), "split": "train"},
-        {"sha256": ev.sha256_file(files["b"]), "split": "val"},
+        {"sha256": file_sha256(files["a"]), "split": "train"},
+        {"sha256": file_sha256(files["b"]), "split": "val"},
     ]
     report_file = weights.with_suffix(".json")
     report_file.write_text(
-        json.dumps({"weights_sha256": ev.sha256_file(weights), "data": {"sources": sources}})
+        json.dumps({"weights_sha256": file_sha256(weights), "data": {"sources": sources}})
     )
     # a: a real item the model was trained on, and remembers; b: validation only.
     labels = {"a": 0, "b": 0, "c": 1, "d": 1}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from synthwatch.operators.store import LocalHandoff
 
 
@@ -76,6 +78,14 @@ def test_the_same_media_fetched_twice_is_held_once(tmp_path: Path) -> None:
     assert len(list((tmp_path / "handoff").iterdir())) == 1
 
 
+def _holding(tmp_path: Path, max_bytes: int, *names: str) -> LocalHandoff:
+    """A hand-off holding one 100-byte file per name."""
+    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=max_bytes)
+    for name in names:
+        assert handoff.put(name, _file(tmp_path, name, 100))
+    return handoff
+
+
 def _fetch_in_thread(
     handoff: LocalHandoff, wait_s: float
 ) -> tuple[threading.Thread, threading.Event]:
@@ -91,20 +101,21 @@ def _fetch_in_thread(
     return thread, went
 
 
-def test_a_fetch_waits_until_detect_takes_a_file(tmp_path: Path) -> None:
-    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=250)
-    handoff.put("first", _file(tmp_path, "first", 100))
-    handoff.put("second", _file(tmp_path, "second", 100))
+@pytest.mark.parametrize("release", ["detect takes a file", "the pipeline closes"])
+def test_a_fetch_waits_for_room_until(tmp_path: Path, release: str) -> None:
+    handoff = _holding(tmp_path, 250, "first", "second")
     thread, went = _fetch_in_thread(handoff, wait_s=60)
     assert not went.wait(0.5)  # 200 held + a file of their average size > 250
-    assert handoff.take("first", tmp_path / "f")
+    if release == "detect takes a file":
+        assert handoff.take("first", tmp_path / "f")
+    else:
+        handoff.close()
     assert went.wait(10)
     thread.join(10)
 
 
 def test_with_room_a_fetch_does_not_wait(tmp_path: Path) -> None:
-    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=1000)
-    handoff.put("first", _file(tmp_path, "first", 100))
+    handoff = _holding(tmp_path, 1000, "first")
     thread, went = _fetch_in_thread(handoff, wait_s=60)
     assert went.wait(10)
     thread.join(10)
@@ -112,9 +123,7 @@ def test_with_room_a_fetch_does_not_wait(tmp_path: Path) -> None:
 
 def test_files_nobody_takes_while_a_fetch_waits_are_dropped(tmp_path: Path) -> None:
     # Their partitions moved to another worker: waiting longer would stall fetching.
-    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=250)
-    handoff.put("first", _file(tmp_path, "first", 100))
-    handoff.put("second", _file(tmp_path, "second", 100))
+    handoff = _holding(tmp_path, 250, "first", "second")
     with handoff.room(0.2):
         assert handoff.held_bytes == 0
         assert handoff.put("third", _file(tmp_path, "third", 100))
@@ -124,23 +133,12 @@ def test_files_nobody_takes_while_a_fetch_waits_are_dropped(tmp_path: Path) -> N
 
 def test_promised_room_makes_the_next_fetch_wait(tmp_path: Path) -> None:
     # Four fetches woken by one take must not all start a download that cannot fit.
-    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=250)
-    handoff.put("first", _file(tmp_path, "first", 100))
+    handoff = _holding(tmp_path, 250, "first")
     with handoff.room(60):  # 100 held + 100 promised
         thread, went = _fetch_in_thread(handoff, wait_s=60)
         assert not went.wait(0.5)
         handoff.put("second", _file(tmp_path, "second", 100))
     assert not went.wait(0.5)  # 200 held now
     assert handoff.take("second", tmp_path / "s")
-    assert went.wait(10)
-    thread.join(10)
-
-
-def test_closing_releases_waiting_fetches(tmp_path: Path) -> None:
-    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=150)
-    handoff.put("first", _file(tmp_path, "first", 100))
-    thread, went = _fetch_in_thread(handoff, wait_s=60)
-    assert not went.wait(0.5)
-    handoff.close()
     assert went.wait(10)
     thread.join(10)
