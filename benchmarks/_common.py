@@ -170,3 +170,38 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+# --------------------------------------------------------------------------- CPU time
+
+
+def proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of the process and of the children it reaped)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = sum(int(f) for f in fields[11:15]) / tick
+        table[int(entry.name)] = (int(fields[1]), cpu)
+    return table
+
+
+def tree_cpu_s(pid: int, table: dict[int, tuple[int, float]] | None = None) -> float:
+    """CPU seconds used so far by `pid` and every live descendant (a worker and its
+    decoder sandbox children), including the children they reaped."""
+    table = proc_table() if table is None else table
+    kids: dict[int, list[int]] = {}
+    for child, (parent, _cpu) in table.items():
+        kids.setdefault(parent, []).append(child)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in table:
+            total += table[p][1]
+        todo.extend(kids.get(p, []))
+    return total

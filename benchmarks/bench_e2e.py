@@ -36,7 +36,16 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import bench_sampling
-from benchmarks._common import ROOT, Report, Target, console, peak_rss_mb, timed
+from benchmarks._common import (
+    ROOT,
+    Report,
+    Target,
+    console,
+    peak_rss_mb,
+    proc_table,
+    timed,
+    tree_cpu_s,
+)
 
 CACHE = ROOT / "benchmarks" / ".cache" / "e2e"
 MEDIA_VERSION = 2
@@ -119,20 +128,12 @@ def media_set(quick: bool) -> list[Path]:
 
 
 def _children_cpu() -> float:
-    """CPU seconds of our live child processes (the warm decoder sandbox children are
-    never waited for while we measure, so RUSAGE_CHILDREN misses them)."""
-    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == me:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    """CPU seconds of our live child processes and their descendants (the warm decoder
+    sandbox children are never waited for while we measure, so RUSAGE_CHILDREN misses
+    them)."""
+    table = proc_table()
+    me = os.getpid()
+    return sum(tree_cpu_s(pid, table) for pid, (parent, _cpu) in table.items() if parent == me)
 
 
 def cpu_now() -> float:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import bench_e2e
-from benchmarks._common import ROOT, Report, Target, console
+from benchmarks._common import ROOT, Report, Target, console, proc_table, tree_cpu_s
 from tests.private_services import PrivateServices, free_port
 from tests.private_services import private_services as shared_private_services
 
@@ -280,43 +280,11 @@ class Run:
         return seen
 
 
-def _proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds of the process and of the children it reaped)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu = sum(int(f) for f in fields[11:15]) / tick
-        table[int(entry.name)] = (int(fields[1]), cpu)
-    return table
-
-
-def tree_cpu_s(pid: int, table: dict[int, tuple[int, float]] | None = None) -> float:
-    """CPU seconds used so far by `pid` and every live descendant (a worker and its
-    decoder sandbox children), including the children they reaped."""
-    table = _proc_table() if table is None else table
-    kids: dict[int, list[int]] = {}
-    for child, (parent, _cpu) in table.items():
-        kids.setdefault(parent, []).append(child)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        if p in table:
-            total += table[p][1]
-        todo.extend(kids.get(p, []))
-    return total
-
-
 def service_cpu_s(svc: PrivateServices, workers: Sequence[Worker] = ()) -> dict[str, float]:
     """CPU seconds used so far by the broker, the store (their pid files), the workers
     (with their decoder children) and this process (the origin server's threads and
     our consumer of verdicts: the harness)."""
-    table = _proc_table()
+    table = proc_table()
     own = resource.getrusage(resource.RUSAGE_SELF)
     out = {"harness": own.ru_utime + own.ru_stime}
     for name, pid_file in (("kafka", "kafka/kafka.pid"), ("s3", "seaweedfs/weed.pid")):
