@@ -48,7 +48,7 @@ from benchmarks._common import (
 )
 
 CACHE = ROOT / "benchmarks" / ".cache" / "e2e"
-MEDIA_VERSION = 2
+MEDIA_VERSION = 3
 """Bump when the generated stills change, so the cache is rebuilt."""
 CORES = len(os.sched_getaffinity(0))
 
@@ -66,10 +66,11 @@ class Still:
 
 def media_specs(quick: bool) -> tuple[list[bench_sampling.Clip], list[Still]]:
     """The mixed set, camera-like content as in bench_sampling (panning texture, grain,
-    face-like sprites; x264 veryfast CRF 23 with B-frames, as phones and platforms
-    encode): the issue's reference clip (20 s 1080p H.264, a keyframe a second), the
-    same at 720p, a long-GOP clip (a keyframe every 250 frames, as social platforms
-    re-encode) and a VP9 clip; plus JPEG stills with and without a face-like sprite.
+    two real faces from `bench_sampling.face_patch`; x264 veryfast CRF 23 with B-frames,
+    as phones and platforms encode): the issue's reference clip (20 s 1080p H.264, a
+    keyframe a second), the same at 720p, a long-GOP clip (a keyframe every 250 frames,
+    as social platforms re-encode) and a VP9 clip; plus JPEG stills with and without a
+    face.
     Full: HEVC and the 720p long GOP too."""
     clips = [
         bench_sampling.Clip("libx264", 1080, 30, 20.0),
@@ -96,10 +97,10 @@ def _still(spec: Still, path: Path, seed: int) -> None:
     h, w = spec.height, spec.width
     image = bench_sampling.fractal(h, w, rng).astype(np.int16)
     if spec.faces:
-        sprite, mask = bench_sampling.face_sprite(h // 3)
+        face, mask = bench_sampling.face_patch(h // 3)
         y, x = (h - mask.shape[0]) // 2, (w - mask.shape[1]) // 2
         region = image[y : y + mask.shape[0], x : x + mask.shape[1]]
-        region[mask] = sprite[mask]
+        region[mask] = face[mask]
     image += rng.integers(-12, 13, size=(h, w, 1), dtype=np.int16)  # grain
     Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
 
