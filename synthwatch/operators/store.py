@@ -8,6 +8,7 @@ fails atomically when the name exists.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -51,14 +52,23 @@ def blob_key(prefix: str, sha256: str) -> str:
     return check_key(f"{prefix}/{sha256[:2]}/{sha256[2:4]}/{sha256}")
 
 
+def _b64_digest(sha256_hex: str) -> str:
+    """S3's checksum headers carry the digest base64-encoded, not hex."""
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
+
+
 class ObjectStore(ABC):
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
         """Write `data` at `key` unless an object is there; True if this call wrote it."""
 
     @abstractmethod
-    def put_file_if_absent(self, key: str, path: Path, *, content_type: str) -> bool:
-        """As `put_if_absent`, streaming from a file."""
+    def put_file_if_absent(
+        self, key: str, path: Path, *, content_type: str, sha256: str | None = None
+    ) -> bool:
+        """As `put_if_absent`, streaming from a file. With `sha256` (hex), the store
+        refuses to keep bytes whose digest differs (StorageFailed), so the object under
+        a content-addressed key is the media the verdict's hash names."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -98,9 +108,12 @@ class S3Store(ObjectStore):
                 if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise StorageFailed(f"cannot create bucket {self.bucket}: {code}") from None
 
-    def _put(self, key: str, body: Any, content_type: str) -> bool:
+    def _put(self, key: str, body: Any, content_type: str, sha256: str | None = None) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # The store checks the body against a SHA-256 we give it (x-amz-checksum-sha256)
+        # and keeps nothing on a mismatch; botocore then computes no checksum of its own.
+        checksum = {"ChecksumSHA256": _b64_digest(sha256)} if sha256 else {}
         try:
             self._s3.put_object(
                 Bucket=self.bucket,
@@ -108,6 +121,7 @@ class S3Store(ObjectStore):
                 Body=body,
                 ContentType=content_type,
                 IfNoneMatch="*",
+                **checksum,
             )
         except ClientError as exc:
             err = exc.response.get("Error", {})
@@ -116,6 +130,10 @@ class S3Store(ObjectStore):
             # ConditionalRequestConflict is a concurrent writer: transient, retried.)
             if err.get("Code") == "PreconditionFailed" or status == 412:
                 return False
+            if err.get("Code") in ("BadDigest", "XAmzContentChecksumMismatch"):
+                raise StorageFailed(
+                    f"S3 put {key} refused: the bytes sent do not match sha256 {sha256}"
+                ) from None
             raise StorageFailed(f"S3 put {key} failed: {err.get('Code', status)}") from None
         except BotoCoreError as exc:
             raise StorageFailed(f"S3 put {key} failed: {type(exc).__name__}") from None
@@ -124,9 +142,11 @@ class S3Store(ObjectStore):
     def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
         return self._put(key, data, content_type)
 
-    def put_file_if_absent(self, key: str, path: Path, *, content_type: str) -> bool:
+    def put_file_if_absent(
+        self, key: str, path: Path, *, content_type: str, sha256: str | None = None
+    ) -> bool:
         with path.open("rb") as fh:
-            return self._put(key, fh, content_type)
+            return self._put(key, fh, content_type, sha256)
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -190,8 +210,13 @@ class LocalStore(ObjectStore):
         finally:
             os.unlink(tmp)
 
-    def put_file_if_absent(self, key: str, path: Path, *, content_type: str) -> bool:
-        return self.put_if_absent(key, path.read_bytes(), content_type=content_type)
+    def put_file_if_absent(
+        self, key: str, path: Path, *, content_type: str, sha256: str | None = None
+    ) -> bool:
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+            raise StorageFailed(f"put {key} refused: the file does not match sha256 {sha256}")
+        return self.put_if_absent(key, data, content_type=content_type)
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()

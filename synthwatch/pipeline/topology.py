@@ -311,7 +311,9 @@ class Pipeline:
                 # Popular media is submitted again and again: skip the upload when present
                 # (the conditional PUT would refuse it anyway, after sending every byte).
                 if not self.store.exists(key):
-                    self.store.put_file_if_absent(key, got.path, content_type=got.mime)
+                    self.store.put_file_if_absent(
+                        key, got.path, content_type=got.mime, sha256=got.sha256
+                    )
                 self.faults.hit("fetch.after_store")
                 if self.handoff is not None and got.path.parent == item_dir:
                     self.handoff.put(got.sha256, got.path)

@@ -117,3 +117,27 @@ def test_s3_if_none_match_has_one_winner_under_contention(services, s3_client) -
     assert results.count("ok") == 1, results
     assert set(results) <= {"ok", "PreconditionFailed"}, results
     s3_client.delete_object(Bucket=bucket, Key=key)
+
+
+def test_s3_store_refuses_media_that_does_not_match_its_sha256(services, s3_client, tmp_path):
+    """A fetched file is stored under its sha256; the store itself must refuse bytes that
+    differ from that digest, so an evidence bundle never points at other media."""
+    import hashlib
+
+    from synthwatch.operators.errors import StorageFailed
+    from synthwatch.operators.store import S3Store
+
+    store = S3Store(s3_client, services.bucket)
+    media = tmp_path / "clip.mp4"
+    media.write_bytes(b"\x00\x00\x00\x18ftypmp42" + uuid.uuid4().bytes * 1000)
+    digest = hashlib.sha256(media.read_bytes()).hexdigest()
+    other = hashlib.sha256(b"other media").hexdigest()
+
+    bad_key, good_key = f"tests/{other}", f"tests/{digest}"
+    with pytest.raises(StorageFailed, match="do not match sha256"):
+        store.put_file_if_absent(bad_key, media, content_type="video/mp4", sha256=other)
+    assert not store.exists(bad_key)
+
+    assert store.put_file_if_absent(good_key, media, content_type="video/mp4", sha256=digest)
+    assert store.get_bytes(good_key) == media.read_bytes()
+    s3_client.delete_object(Bucket=services.bucket, Key=good_key)

@@ -134,6 +134,24 @@ def test_local_store_is_write_once(tmp_path: Path) -> None:
     assert store.get_bytes("a/b.json") == b"one"
 
 
+def test_local_store_refuses_a_file_that_does_not_match_its_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    from synthwatch.operators.errors import StorageFailed
+
+    store = LocalStore(tmp_path / "store")
+    media = tmp_path / "clip.bin"
+    media.write_bytes(b"media bytes")
+    with pytest.raises(StorageFailed, match="does not match sha256"):
+        store.put_file_if_absent(
+            "blobs/x", media, content_type="video/mp4", sha256=hashlib.sha256(b"x").hexdigest()
+        )
+    assert not (tmp_path / "store" / "blobs" / "x").exists()
+    digest = hashlib.sha256(b"media bytes").hexdigest()
+    assert store.put_file_if_absent("blobs/x", media, content_type="video/mp4", sha256=digest)
+    assert store.get_bytes("blobs/x") == b"media bytes"
+
+
 @pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a//b", "a\x00b", "é/x", ""])
 def test_keys_cannot_escape_or_be_shaped_by_input(key: str) -> None:
     with pytest.raises(InvalidRef):
