@@ -119,7 +119,7 @@ def write_bundle(
     def put(name: str, data: bytes, content_type: str, role: str, **extra: object) -> str:
         digest = sha256_bytes(data)
         key = f"{base}/{digest[:16]}_{name}"
-        store.put_if_absent(key, data, content_type=content_type)
+        store.put_if_absent(key, data, content_type=content_type, sha256=digest)
         objects.append(
             {"name": name, "key": key, "sha256": digest, "size": len(data), "role": role, **extra}
         )
@@ -176,9 +176,10 @@ def write_bundle(
         "objects": objects,
     }
     data = _json(manifest)
-    if not store.put_if_absent(manifest_key, data, content_type="application/json"):
+    digest = sha256_bytes(data)
+    if not store.put_if_absent(manifest_key, data, content_type="application/json", sha256=digest):
         return _existing(store, manifest_key)  # another writer finished first: theirs stands
-    return Bundle(manifest_key, store.uri(manifest_key), sha256_bytes(data), created=True)
+    return Bundle(manifest_key, store.uri(manifest_key), digest, created=True)
 
 
 def _existing(store: ObjectStore, manifest_key: str) -> Bundle:

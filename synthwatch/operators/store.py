@@ -59,16 +59,18 @@ def _b64_digest(sha256_hex: str) -> str:
 
 class ObjectStore(ABC):
     @abstractmethod
-    def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
-        """Write `data` at `key` unless an object is there; True if this call wrote it."""
+    def put_if_absent(
+        self, key: str, data: bytes, *, content_type: str, sha256: str | None = None
+    ) -> bool:
+        """Write `data` at `key` unless an object is there; True if this call wrote it.
+        With `sha256` (hex), the store refuses to keep bytes whose digest differs
+        (StorageFailed): the object is the one a verdict or manifest names by that hash."""
 
     @abstractmethod
     def put_file_if_absent(
         self, key: str, path: Path, *, content_type: str, sha256: str | None = None
     ) -> bool:
-        """As `put_if_absent`, streaming from a file. With `sha256` (hex), the store
-        refuses to keep bytes whose digest differs (StorageFailed), so the object under
-        a content-addressed key is the media the verdict's hash names."""
+        """As `put_if_absent`, streaming from a file."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -139,8 +141,10 @@ class S3Store(ObjectStore):
             raise StorageFailed(f"S3 put {key} failed: {type(exc).__name__}") from None
         return True
 
-    def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
-        return self._put(key, data, content_type)
+    def put_if_absent(
+        self, key: str, data: bytes, *, content_type: str, sha256: str | None = None
+    ) -> bool:
+        return self._put(key, data, content_type, sha256)
 
     def put_file_if_absent(
         self, key: str, path: Path, *, content_type: str, sha256: str | None = None
@@ -193,7 +197,11 @@ class LocalStore(ObjectStore):
             raise InvalidRef(f"refused object key {key[:80]!r}")
         return path
 
-    def put_if_absent(self, key: str, data: bytes, *, content_type: str) -> bool:
+    def put_if_absent(
+        self, key: str, data: bytes, *, content_type: str, sha256: str | None = None
+    ) -> bool:
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+            raise StorageFailed(f"put {key} refused: the data does not match sha256 {sha256}")
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -213,10 +221,7 @@ class LocalStore(ObjectStore):
     def put_file_if_absent(
         self, key: str, path: Path, *, content_type: str, sha256: str | None = None
     ) -> bool:
-        data = path.read_bytes()
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
-            raise StorageFailed(f"put {key} refused: the file does not match sha256 {sha256}")
-        return self.put_if_absent(key, data, content_type=content_type)
+        return self.put_if_absent(key, path.read_bytes(), content_type=content_type, sha256=sha256)
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()

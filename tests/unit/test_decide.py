@@ -142,7 +142,7 @@ def test_local_store_refuses_a_file_that_does_not_match_its_sha256(tmp_path: Pat
     store = LocalStore(tmp_path / "store")
     media = tmp_path / "clip.bin"
     media.write_bytes(b"media bytes")
-    with pytest.raises(StorageFailed, match="does not match sha256"):
+    with pytest.raises(StorageFailed, match="not match sha256"):
         store.put_file_if_absent(
             "blobs/x", media, content_type="video/mp4", sha256=hashlib.sha256(b"x").hexdigest()
         )
