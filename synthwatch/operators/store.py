@@ -255,6 +255,10 @@ class LocalHandoff:
     `room()` lets the fetch stage wait until detect has taken enough to make room, so
     that a burst is fetched at detect's pace instead of far ahead of it (beyond the
     allowance every file went to the store and was read back from there).
+
+    The same media handed over again (a viral file submitted many times) is held once
+    and counted: each record's detect takes a hard link to the one copy, the last one
+    the file itself, so no repeat is read back from the store.
     """
 
     def __init__(
@@ -271,8 +275,8 @@ class LocalHandoff:
         self._max_age = max_age_s
         self._clock = clock
         self._lock = threading.Condition()
-        # sha256 -> (bytes, when handed over), oldest first
-        self._held: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # sha256 -> (bytes, when handed over, records still to take it), oldest first
+        self._held: OrderedDict[str, tuple[int, float, int]] = OrderedDict()
         self._bytes = 0
         self._reserved = 0  # bytes promised to fetches in progress (`room`)
         self._taken = 0  # files taken so far: detect's progress
@@ -323,14 +327,17 @@ class LocalHandoff:
 
     def put(self, sha256: str, path: Path) -> bool:
         """Move `path` in under `sha256` (same file system); False when it does not fit
-        (the caller keeps it)."""
+        (the caller keeps it). The same media again is counted, not stored twice: True,
+        and `path` is left to the caller to delete."""
         size = path.stat().st_size
         with self._lock:
             now = self._clock()
-            if sha256 in self._held:  # the same media again: one copy is enough
-                return False
+            if sha256 in self._held:  # one copy is enough; one more record will take it
+                held_size, since, takers = self._held[sha256]
+                self._held[sha256] = (held_size, since, takers + 1)
+                return True
             while self._held and self._bytes + size > self._max:
-                old, (old_size, since) = next(iter(self._held.items()))
+                old, (old_size, since, _) = next(iter(self._held.items()))
                 if now - since < self._max_age:
                     break
                 del self._held[old]
@@ -339,21 +346,29 @@ class LocalHandoff:
             if self._bytes + size > self._max:
                 return False
             os.replace(path, self._dir / sha256)
-            self._held[sha256] = (size, now)
+            self._held[sha256] = (size, now, 1)
             self._bytes += size
         return True
 
     def take(self, sha256: str, dest: Path) -> bool:
-        """Move the file handed over under `sha256` to `dest`; False when there is none."""
+        """Move the file handed over under `sha256` to `dest` (a hard link while more
+        records of the same media are still to take it); False when there is none."""
         with self._lock:
-            held = self._held.pop(sha256, None)
+            held = self._held.get(sha256)
             if held is None:
                 return False
-            self._bytes -= held[0]
+            size, since, takers = held
+            src = self._dir / sha256
             self._taken += 1
-            self._lock.notify_all()
             try:
-                os.replace(self._dir / sha256, dest)
+                if takers > 1:
+                    os.link(src, dest)
+                    self._held[sha256] = (size, since, takers - 1)
+                    return True
+                del self._held[sha256]
+                self._bytes -= size
+                self._lock.notify_all()
+                os.replace(src, dest)
             except FileNotFoundError:
                 return False
         return True

@@ -70,12 +70,24 @@ def test_files_nobody_took_make_room_after_max_age(tmp_path: Path) -> None:
     assert handoff.held_bytes == 0
 
 
-def test_the_same_media_fetched_twice_is_held_once(tmp_path: Path) -> None:
+def test_the_same_media_fetched_twice_is_held_once_and_taken_twice(tmp_path: Path) -> None:
+    # A viral file submitted twice: one copy on disk, and neither record's detect
+    # reads it back from the store.
     handoff = LocalHandoff(tmp_path / "handoff", max_bytes=1000)
-    handoff.put("cc", _file(tmp_path, "one", 100))
-    handoff.put("cc", _file(tmp_path, "two", 100))
+    one = _file(tmp_path, "one", 100)
+    data = one.read_bytes()
+    assert handoff.put("cc", one)
+    assert handoff.put("cc", _file(tmp_path, "two", 100))
     assert handoff.held_bytes == 100
     assert len(list((tmp_path / "handoff").iterdir())) == 1
+    assert handoff.take("cc", tmp_path / "detect-1")
+    assert handoff.held_bytes == 100  # still held for the second record
+    assert handoff.take("cc", tmp_path / "detect-2")
+    assert handoff.held_bytes == 0
+    assert not handoff.take("cc", tmp_path / "detect-3")
+    assert (tmp_path / "detect-1").read_bytes() == data
+    assert (tmp_path / "detect-2").read_bytes() == data
+    assert list((tmp_path / "handoff").iterdir()) == []
 
 
 def _holding(tmp_path: Path, max_bytes: int, *names: str) -> LocalHandoff:
