@@ -2,8 +2,11 @@
 
 A backend turns a float32 NCHW batch into one synthetic score per row. Which backend
 runs is a deployment choice, not a code change: `select_backend("auto", ...)` picks
-TensorRT when an NVIDIA GPU and the `tensorrt` package are present, else ONNX Runtime
-(1.6-6.8x faster than eager torch on 2 CPU cores for these models, PERF_NOTES.md).
+TensorRT when an NVIDIA GPU and the `tensorrt` package are present; torch on the GPU
+when there is a GPU but no TensorRT (on an H100 with 16 CPU cores, a scan ran 1.23x
+the ONNX Runtime CPU scan of the same items, scores within 6.2e-5: docs/PERFORMANCE.md);
+else ONNX Runtime on the CPU (1.6-6.8x faster than eager torch on 2 cores for these
+models, PERF_NOTES.md).
 """
 
 from __future__ import annotations
@@ -236,7 +239,9 @@ def tensorrt_available() -> bool:
 
 def resolve_backend_name(name: BackendName) -> Literal["onnxruntime", "torch", "tensorrt"]:
     if name == "auto":
-        return "tensorrt" if tensorrt_available() else "onnxruntime"
+        if tensorrt_available():
+            return "tensorrt"
+        return "torch" if gpu_available() else "onnxruntime"
     return name
 
 
@@ -250,7 +255,8 @@ def select_backend(
     engine_cache_dir: Path,
     rows_per_run: int = 0,
 ) -> InferenceBackend:
-    """Build the backend `name` names (`auto`: TensorRT on a GPU, else ONNX Runtime).
+    """Build the backend `name` names (`auto`: TensorRT on a GPU, else torch on a GPU,
+    else ONNX Runtime on the CPU).
 
     The model is given lazily (callables), so only the form the backend needs is built.
     `rows_per_run` is ONNX Runtime's slicing (see `OnnxRuntimeBackend`).

@@ -111,6 +111,8 @@ class ModelSettings(_Frozen):
     audio_windows: int = 32
     """At most this many 4 s windows per item, spread over the track."""
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    """`auto`: TensorRT on an NVIDIA GPU with the `tensorrt` package, torch on a GPU
+    without it, ONNX Runtime on the CPU otherwise."""
     max_batch: int = 32
     max_delay_ms: float = 10.0
     threads: int = 2

@@ -97,3 +97,20 @@ def test_select_backend_torch_on_cpu_runs_images_channels_last(tmp_path: Path) -
     np.testing.assert_allclose(
         backend.run(_images(2)), TorchBackend(_TinyImageNet()).run(_images(2)), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("gpu", "tensorrt", "expected"),
+    [(False, False, "onnxruntime"), (True, False, "torch"), (True, True, "tensorrt")],
+)
+def test_auto_uses_the_gpu_whenever_there_is_one(
+    monkeypatch: pytest.MonkeyPatch, gpu: bool, tensorrt: bool, expected: str
+) -> None:
+    # A GPU machine without TensorRT used to get ONNX Runtime on the CPU, beside the
+    # decoders, with the GPU idle.
+    from synthwatch.operators import infer
+
+    monkeypatch.setattr(infer, "gpu_available", lambda: gpu)
+    monkeypatch.setattr(infer, "tensorrt_available", lambda: tensorrt)
+    assert infer.resolve_backend_name("auto") == expected
+    assert infer.resolve_backend_name("onnxruntime") == "onnxruntime"
