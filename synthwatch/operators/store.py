@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -362,7 +363,7 @@ class LocalHandoff:
             self._taken += 1
             try:
                 if takers > 1:
-                    os.link(src, dest)
+                    _link_or_copy(src, dest)
                     self._held[sha256] = (size, since, takers - 1)
                     return True
                 del self._held[sha256]
@@ -376,6 +377,16 @@ class LocalHandoff:
     @property
     def held_bytes(self) -> int:
         return self._bytes
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link where the file system has them (free), else a copy."""
+    try:
+        os.link(src, dest)
+    except FileNotFoundError:
+        raise
+    except OSError:  # no hard links here (some overlay and network file systems)
+        shutil.copyfile(src, dest)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -154,3 +154,22 @@ def test_promised_room_makes_the_next_fetch_wait(tmp_path: Path) -> None:
     assert handoff.take("second", tmp_path / "s")
     assert went.wait(10)
     thread.join(10)
+
+
+def test_repeats_are_copied_where_the_file_system_has_no_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    def no_links(src: object, dest: object) -> None:
+        raise PermissionError("hard links not permitted here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    handoff = LocalHandoff(tmp_path / "handoff", max_bytes=1000)
+    one = _file(tmp_path, "one", 100)
+    data = one.read_bytes()
+    assert handoff.put("dd", one)
+    assert handoff.put("dd", _file(tmp_path, "two", 100))
+    assert handoff.take("dd", tmp_path / "detect-1")
+    assert handoff.take("dd", tmp_path / "detect-2")
+    assert (tmp_path / "detect-1").read_bytes() == data == (tmp_path / "detect-2").read_bytes()
