@@ -125,7 +125,7 @@ def check_model(
             np.max(np.abs(half_scores.reshape(-1) - reference))
         )
     except Exception as exc:  # a model with FP32-only layers: FP32 rows still stand
-        half = None
+        half = None  # the half-precision copy may have been made before the failure
         result["eager_fp16"] = f"not measured: {type(exc).__name__}: {exc}"
     engine = None
     if trt is not None:
@@ -247,7 +247,11 @@ def _timed_scan(backend: str, media: list[str], workers: int) -> dict[str, Any]:
         "items_s": len(media) / wall,
         "gpu_busy_mean_pct": float(np.mean(busy)) if busy else None,
         "signals": dict(Counter(s.name for v in scored for s in v.signals)),
-        "scores": [float(v.synthetic_score) for v in scored],
+        # One entry per item, in media order (None: not scored), so two backends' runs
+        # compare item by item even when one of them failed an item.
+        "scores": [
+            None if r.verdict is None else float(r.verdict.synthetic_score) for r in results
+        ],
     }
 
 
@@ -266,7 +270,11 @@ def scan_end_to_end(work: Path, trt: Any) -> dict[str, Any]:
     cpu = _timed_scan("onnxruntime", media, workers)
     models = set(IMAGE_MODELS + AUDIO_MODELS)
     ran = sorted(models & (gpu["signals"].keys() | cpu["signals"].keys()))
-    diffs = [abs(g - c) for g, c in zip(gpu.pop("scores"), cpu.pop("scores"), strict=False)]
+    diffs = [
+        abs(g - c)
+        for g, c in zip(gpu.pop("scores"), cpu.pop("scores"), strict=True)
+        if g is not None and c is not None
+    ]
     report: dict[str, Any] = {
         "measured": bool(ran),
         "items": len(media),
