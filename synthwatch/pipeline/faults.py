@@ -11,6 +11,9 @@ production), `hit` is a dictionary lookup that finds nothing.
 Spec syntax, one entry per point: `<point>=kill` sends SIGKILL to this very process
 (no cleanup, no commit, exactly what an OOM kill or a node loss does), and
 `<point>=sleep:<seconds>` stalls the stage there (a batch slower than the poll interval).
+`<point>@<media id>=<action>` arms the point for that one record only (the id the stage
+bound to its log context), so a test can make one record of a partition slow while the
+next one finishes.
 """
 
 from __future__ import annotations
@@ -55,17 +58,20 @@ class FaultPoints:
             ValueError: an unknown point or action, so a typo in a test cannot pass
                 silently by arming nothing.
         """
-        self._armed: dict[str, _Action] = {}
+        self._armed: dict[tuple[str, str | None], _Action] = {}
         for spec in specs:
-            point, sep, action = spec.partition("=")
-            point, action = point.strip(), action.strip()
-            if not sep or point not in POINTS:
+            target, sep, action = spec.partition("=")
+            point, at, record = target.strip().partition("@")
+            action = action.strip()
+            if not sep or point not in POINTS or (at and not record):
                 known = ", ".join(sorted(POINTS))
                 raise ValueError(
-                    f"fault point {spec!r}: use <point>=kill|sleep:<s>, <point> one of {known}"
+                    f"fault point {spec!r}: use <point>[@<media id>]=kill|sleep:<s>, "
+                    f"<point> one of {known}"
                 )
+            key = (point, record or None)
             if action == "kill":
-                self._armed[point] = _Action("kill")
+                self._armed[key] = _Action("kill")
             elif action.startswith("sleep:") and point in KILL_ONLY:
                 raise ValueError(f"fault point {spec!r}: {point} only takes kill")
             elif action.startswith("sleep:"):
@@ -75,7 +81,7 @@ class FaultPoints:
                     raise ValueError(f"fault point {spec!r}: sleep needs seconds") from None
                 if seconds < 0:
                     raise ValueError(f"fault point {spec!r}: negative sleep")
-                self._armed[point] = _Action("sleep", seconds)
+                self._armed[key] = _Action("sleep", seconds)
             else:
                 raise ValueError(f"fault point {spec!r}: action must be kill or sleep:<s>")
 
@@ -84,8 +90,12 @@ class FaultPoints:
         return bool(self._armed)
 
     def hit(self, point: str) -> None:
-        """Pass `point`: nothing, unless the fault suite armed it."""
-        action = self._armed.get(point)
+        """Pass `point`: nothing, unless the fault suite armed it (for every record, or
+        for the one whose media id the stage bound to its log context)."""
+        if not self._armed:
+            return
+        record = structlog.contextvars.get_contextvars().get("id")
+        action = self._armed.get((point, record)) or self._armed.get((point, None))
         if action is None:
             return
         if action.kind == "sleep":

@@ -9,11 +9,12 @@
     any stage       failure         ---------->    media.dlq       DeadLetter(reason, stage)
 
 Delivery is at-least-once: an agent awaits the broker's acknowledgement of its output
-(and S3's of its objects) before it takes the next record, and faust commits only
-offsets of records whose processing finished. Effects are idempotent (write-once keys,
-deterministic alert ids), so a redelivery after a crash is harmless. Blocking work
-(downloads, decoding, inference, S3) runs in a thread pool, never on the event loop, so
-a slow batch cannot cost the consumer its group membership.
+(and S3's of its objects) before it takes the next record, and the consumer commits
+only offsets below every record still in flight (`offsets`: stock faust does not when a
+stage's actors finish a partition's records out of order). Effects are idempotent
+(write-once keys, deterministic alert ids), so a redelivery after a crash is harmless.
+Blocking work (downloads, decoding, inference, S3) runs in a thread pool, never on the
+event loop, so a slow batch cannot cost the consumer its group membership.
 
 Records are read as raw bytes and decoded here, so a poison record (bad JSON, wrong
 schema, null value) becomes a DLQ record instead of a crashed agent.
@@ -53,6 +54,7 @@ from synthwatch.pipeline.engine import Engine, Item, build_policy, decide
 from synthwatch.pipeline.explain import Explainer, evidence_frames
 from synthwatch.pipeline.faults import FaultPoints
 from synthwatch.pipeline.kafka import client_kwargs
+from synthwatch.pipeline.offsets import App as CommitSafeApp
 from synthwatch.pipeline.settings import Settings
 from synthwatch.schemas import (
     Alert,
@@ -151,7 +153,7 @@ class Pipeline:
         kw = client_kwargs(k)
         tracing.setup(settings.tracing.otlp_endpoint)
         self.work_dir = Path(tempfile.mkdtemp(prefix="synthwatch-work-", dir=settings.work_dir))
-        self.app = faust.App(
+        self.app = CommitSafeApp(
             k.app_id,
             # faust keeps table state under its datadir even with the memory store; the
             # default (`<app id>-data` in the working directory) breaks a read-only root

@@ -4,6 +4,7 @@ overwritten (same alert ids, same manifest bytes)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -38,7 +39,8 @@ def test_sigkill_at_a_fault_point_then_restart_loses_and_duplicates_nothing(
     run.start_worker()
     ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=240, settle=3.0)
     run.stop_all()
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket) or run.logs()
+    problems = ledger.check(ids, s3, bucket)
+    assert not problems, f"{problems}\n{run.logs()}"
     assert ids <= {v["id"] for v in ledger.verdicts}, "every image ends as a verdict"
 
     # Write-once evidence: whatever the killed worker stored is still there, unchanged,
@@ -60,3 +62,31 @@ def _alert_counts(alerts: list[dict[str, Any]]) -> dict[str, int]:
     for a in alerts:
         counts[a["alert_id"]] = counts.get(a["alert_id"], 0) + 1
     return counts
+
+
+def test_a_record_still_in_flight_is_not_skipped_when_a_later_one_finishes_first(
+    run: Run, s3: Any, bucket: str
+) -> None:
+    # Two records on one partition of media.fetched, and detect runs two actors: the
+    # second finishes while the first is still being analysed. The consumer must not
+    # commit past the first, or a worker killed now comes back after it and the first
+    # media is never scanned (stock faust did exactly that: one item of three lost).
+    run.partitions = 1
+    ids = list(run.submit(run.images(2)))  # in order: offsets 0 and 1 of the partition
+    slow, fast = ids
+    victim = run.start_worker(
+        faults=(f"detect.before@{slow}=sleep:90",),
+        SYNTHWATCH_KAFKA__FETCH_CONCURRENCY="1",  # media.fetched in the same order
+    )
+    first = run.collect(lambda led: fast in led.ended(), timeout=120)
+    assert fast in first.ended() and slow not in first.ended(), victim.tail()
+    time.sleep(4.0)  # several commit intervals (1 s), with the slow record still going
+    committed = run.group()["offsets"].get(f"{run.topic('fetched')}:0", 0)
+    assert committed == 0, f"committed {committed}, past the record still in flight"
+    victim.kill()
+
+    run.start_worker()
+    ledger = run.collect(lambda led: led.all_ended(set(ids))(led), timeout=240, settle=2.0)
+    run.stop_all()
+    problems = ledger.check(set(ids), s3, bucket)
+    assert not problems, f"{problems}\n{run.logs()}"

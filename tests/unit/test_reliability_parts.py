@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import structlog
 
 from synthwatch.pipeline.faults import POINTS, FaultPoints
 from synthwatch.pipeline.topology import ATTEMPT_HEADER, Watchdog, _attempt, backoff
@@ -23,6 +24,7 @@ from synthwatch.pipeline.topology import ATTEMPT_HEADER, Watchdog, _attempt, bac
         "detect.before=sleep:soon",
         "detect.before=sleep:-1",
         "decide.after_alert=sleep:5",  # on the event loop: kill only
+        "detect.before@=sleep:1",  # a record named by nothing
     ],
 )
 def test_a_bad_fault_spec_is_refused_rather_than_arming_nothing(spec: str) -> None:
@@ -39,6 +41,17 @@ def test_unarmed_points_do_nothing_and_sleep_points_sleep() -> None:
     armed.hit("detect.before")
     assert time.monotonic() - t0 >= 0.2
     armed.hit("decide.after_alert")  # another point: no effect
+
+
+def test_a_point_armed_for_one_record_stalls_that_record_only() -> None:
+    armed = FaultPoints(["detect.before@slow-one=sleep:0.3"])
+    t0 = time.monotonic()
+    with structlog.contextvars.bound_contextvars(id="another"):
+        armed.hit("detect.before")
+    assert time.monotonic() - t0 < 0.3
+    with structlog.contextvars.bound_contextvars(id="slow-one"):
+        armed.hit("detect.before")
+    assert time.monotonic() - t0 >= 0.3
 
 
 def test_backoff_is_capped_exponential_with_full_jitter() -> None:
