@@ -376,6 +376,13 @@ class Run:
     def logs(self) -> str:
         return "\n".join(f"--- {w.log.name}\n{w.tail(3000)}" for w in self.workers)
 
+    def assert_whole(self, ledger: Ledger, ids: set[str], s3: Any, bucket: str) -> None:
+        """Nothing lost, one alert id and a whole bundle per flagged id (`Ledger.check`);
+        on failure the message carries the workers' logs, since a CI run is the only
+        place some of these races show."""
+        problems = ledger.check(ids, s3, bucket)
+        assert not problems, f"{problems}\n{self.logs()}"
+
 
 @dataclass
 class Ledger:

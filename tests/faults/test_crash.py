@@ -39,8 +39,7 @@ def test_sigkill_at_a_fault_point_then_restart_loses_and_duplicates_nothing(
     run.start_worker()
     ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=240, settle=3.0)
     run.stop_all()
-    problems = ledger.check(ids, s3, bucket)
-    assert not problems, f"{problems}\n{run.logs()}"
+    run.assert_whole(ledger, ids, s3, bucket)
     assert ids <= {v["id"] for v in ledger.verdicts}, "every image ends as a verdict"
 
     # Write-once evidence: whatever the killed worker stored is still there, unchanged,
@@ -88,5 +87,4 @@ def test_a_record_still_in_flight_is_not_skipped_when_a_later_one_finishes_first
     run.start_worker()
     ledger = run.collect(lambda led: led.all_ended(set(ids))(led), timeout=240, settle=2.0)
     run.stop_all()
-    problems = ledger.check(set(ids), s3, bucket)
-    assert not problems, f"{problems}\n{run.logs()}"
+    run.assert_whole(ledger, set(ids), s3, bucket)

@@ -67,7 +67,7 @@ def test_fuzzed_and_crafted_media_end_in_the_dlq_with_a_reason_and_the_worker_su
             break
     assert ledger is not None
     run.stop_all()
-    assert not ledger.check(set(ids), s3, bucket), ledger.check(set(ids), s3, bucket)
+    run.assert_whole(ledger, set(ids), s3, bucket)
     reasons = {d["id"]: d["reason"] for d in ledger.dlq}
     assert set(reasons.values()) <= EXPECTED_REASONS, reasons
     by_url = {u.rsplit("/", 1)[1]: i for i, u in ids.items()}

@@ -28,7 +28,7 @@ def test_sigterm_mid_batch_exits_in_the_grace_period_committed_and_out_of_the_gr
     run.start_worker()  # what was handed back is redone; nothing is lost
     ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=120, settle=2.0)
     run.stop_all()
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    run.assert_whole(ledger, ids, s3, bucket)
 
 
 def test_a_batch_slower_than_the_poll_interval_keeps_membership_and_commits_once(
@@ -43,7 +43,7 @@ def test_a_batch_slower_than_the_poll_interval_keeps_membership_and_commits_once
     ids = set(run.submit(run.images(2)))
     ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=150, settle=8.0)
     assert worker.proc.poll() is None, worker.tail()
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    run.assert_whole(ledger, ids, s3, bucket)
     assert ledger.duplicates() == {}, "a slow record was delivered again"
     log = worker.log.read_text(errors="replace")
     assert "CommitFailedError" not in log and "IllegalGeneration" not in log
@@ -65,7 +65,7 @@ def test_a_worker_joining_and_leaving_mid_run_skips_nothing(run: Run, s3: Any, b
     ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=180, settle=3.0)
     assert first.proc.poll() is None, first.tail()
     run.stop_all()
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    run.assert_whole(ledger, ids, s3, bucket)
     # At-least-once across a rebalance: a record is done again at most once.
     assert all(n <= 2 for n in ledger.duplicates().values()), ledger.duplicates()
 

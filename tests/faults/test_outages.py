@@ -29,7 +29,7 @@ def test_broker_stopped_and_restarted_mid_run(
     assert worker.proc.poll() is None, worker.tail()
     worker.wait_health("ready", 200, timeout=60)
     run.stop_all()
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    run.assert_whole(ledger, ids, s3, bucket)
     assert not ledger.dlq, ledger.dlq
 
 
@@ -53,7 +53,7 @@ def test_store_down_longer_than_the_retry_budget_pauses_then_resumes(
     worker.wait_health("ready", 200, timeout=60)
     run.stop_all()
     assert not ledger.dlq, "an outage of our own store must not dead-letter the feed"
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    run.assert_whole(ledger, ids, s3, bucket)
 
 
 def test_a_worker_started_while_the_store_is_down_waits_for_it(
@@ -77,4 +77,4 @@ def test_a_worker_started_while_the_store_is_down_waits_for_it(
     worker.wait_health("ready", 200, timeout=60)
     run.stop_all()
     assert not ledger.dlq, ledger.dlq
-    assert not ledger.check(ids, s3, bucket), ledger.check(ids, s3, bucket)
+    run.assert_whole(ledger, ids, s3, bucket)
