@@ -162,6 +162,9 @@ class KafkaSettings(_Frozen):
     max_poll_interval_s: float = 300.0
     """Broker-side limit between polls before the consumer is thrown out of its group.
     Work runs off the event loop, so polling goes on during a slow batch."""
+    producer_request_timeout_s: float = Field(default=1200.0, gt=0)
+    """How long one send waits for the broker before it fails (faust's default). A stage
+    whose send fails keeps the record and sends again until the broker takes it."""
 
 
 class RetrySettings(_Frozen):

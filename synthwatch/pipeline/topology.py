@@ -37,13 +37,22 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import faust
+import msgspec
 import structlog
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from opentelemetry.trace import Span, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from synthwatch.models.registry import ModelStore
 from synthwatch.operators.backoff import backoff
-from synthwatch.operators.errors import SchemaInvalid, StorageFailed, SynthwatchError, is_permanent
+from synthwatch.operators.errors import (
+    SchemaInvalid,
+    StorageFailed,
+    SynthwatchError,
+    TooLarge,
+    is_permanent,
+)
 from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.netguard import redact_url
@@ -168,6 +177,7 @@ class Pipeline:
             topic_disable_leader=True,  # no leader-only features used; saves a topic
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
+            producer_request_timeout=k.producer_request_timeout_s,
             broker_commit_every=1,
             broker_commit_interval=1.0,
             web_enabled=True,
@@ -486,7 +496,7 @@ class Pipeline:
             result = await self._run(stage, work, event.value)
             if result is not None:
                 topic, key, value = result
-                await (await topic.send(key=key, value=value, headers=tracing.current_headers()))
+                await self._send(topic, key, value, tracing.current_headers())
                 if after_send is not None and self.faults.armed:
                     self.faults.hit(after_send)
             metrics.ITEMS.labels(stage, "ok").inc()
@@ -569,12 +579,8 @@ class Pipeline:
         log.warning("transient failure: to the retry topic", reason=exc.reason, next=attempt + 1)
         metrics.RETRIED.labels(stage, exc.reason).inc()
         metrics.ITEMS.labels(stage, "retry").inc()
-        await (
-            await self.retry.send(
-                key=(record.id or "").encode(),
-                value=encode(record),
-                headers=_trace_headers(event),
-            )
+        await self._send(
+            self.retry, (record.id or "").encode(), encode(record), _trace_headers(event)
         )
 
     async def _retry_agent(self, stream: Any) -> None:
@@ -599,17 +605,13 @@ class Pipeline:
                 while (wait := due - time.time()) > 0:
                     self.watchdog.beat()
                     await asyncio.sleep(min(wait, 5.0))
-                await (
-                    await target.send(
-                        key=event.key,
-                        value=letter.original.encode(),
-                        headers=[
-                            (ATTEMPT_HEADER, str(letter.attempt).encode()),
-                            *_trace_headers(event),
-                        ],
-                    )
+                await self._send(
+                    target,
+                    event.key,
+                    letter.original.encode(),
+                    [(ATTEMPT_HEADER, str(letter.attempt).encode()), *_trace_headers(event)],
                 )
-            except SchemaInvalid as exc:
+            except SynthwatchError as exc:  # a bad retry record, or one the broker refuses
                 await self._dead_letter("retry", event, exc.reason, str(exc), 0)
             finally:
                 self.watchdog.finished()
@@ -651,11 +653,56 @@ class Pipeline:
         log.warning("dead-lettered", reason=reason, error=error[:300])
         metrics.DLQ.labels(stage, reason).inc()
         metrics.ITEMS.labels(stage, "dlq").inc()
-        await (
-            await self.dlq.send(
-                key=(record.id or "").encode(), value=encode(record), headers=_trace_headers(event)
+        key, headers = (record.id or "").encode(), _trace_headers(event)
+        try:
+            await self._send(self.dlq, key, encode(record), headers)
+        except TooLarge:
+            # The original kept verbatim is what made it too large: send the record
+            # without it (topic, partition and offset still say where it is).
+            log.error("DLQ record too large for the broker: sent without the original")
+            await self._send(
+                self.dlq, key, encode(msgspec.structs.replace(record, original="")), headers
             )
-        )
+
+    async def _send(self, topic: Any, key: bytes | None, value: bytes, headers: Any) -> None:
+        """Send one record and wait until the broker has it.
+
+        A failed send is the broker's trouble, not the record's: the record is kept and
+        sent again, with backoff, until the broker takes it (readiness false meanwhile;
+        waiting on a dependency is not a stall). Routing it to the DLQ instead would
+        blame the record, and the DLQ is on the same broker; letting the exception out
+        would crash the agent, and faust acknowledges the record an agent crashed on, so
+        it would be lost. Only a record the broker refuses for its size raises
+        (`TooLarge`, permanent).
+        """
+        attempt = 0
+        while True:
+            try:
+                await (await topic.send(key=key, value=value, headers=headers))
+            except (KafkaError, ProducerSendError) as exc:
+                cause = exc.__cause__ if isinstance(exc, ProducerSendError) else exc
+                if isinstance(cause, MessageSizeTooLargeError):
+                    raise TooLarge(
+                        f"the broker refused a {len(value)}-byte record for its size"
+                    ) from exc
+                attempt += 1
+                error = f"{type(cause or exc).__name__}: {cause or exc}"[:300]
+                self.down["kafka"] = error
+                metrics.DEPENDENCY_UP.labels("kafka").set(0)
+                log.error(
+                    "send failed: the record is kept and sent again",
+                    topic=topic.get_topic_name(),
+                    error=error,
+                    attempt=attempt,
+                )
+                self.watchdog.beat()
+                await asyncio.sleep(
+                    backoff(attempt, 1.0, self.settings.retry.outage_backoff_max_s) + 0.5
+                )
+                continue
+            if attempt:
+                log.warning("the broker took the record", attempts=attempt + 1)
+            return
 
     # -- web views and timers -----------------------------------------------------
 

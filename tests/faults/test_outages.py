@@ -78,3 +78,29 @@ def test_a_worker_started_while_the_store_is_down_waits_for_it(
     run.stop_all()
     assert not ledger.dlq, ledger.dlq
     run.assert_whole(ledger, ids, s3, bucket)
+
+
+def test_a_broker_outage_longer_than_a_send_loses_no_record(
+    run: Run, fault_services: PrivateServices, s3: Any, bucket: str
+) -> None:
+    # Sends give up after 3 s here (20 minutes by default). Records finish detection
+    # while the broker is away, so their verdict sends fail, more than once. Such a
+    # failure is the broker's, not the record's: the stage must keep the record and
+    # send again, not route it to the DLQ (which is unreachable too) and not let the
+    # agent crash (faust then acknowledges the record it crashed on: lost).
+    worker = run.start_worker(
+        faults=("detect.before=sleep:4",), SYNTHWATCH_KAFKA__PRODUCER_REQUEST_TIMEOUT_S="3"
+    )
+    ids = set(run.submit(run.images(4)))
+    run.collect(lambda led: len(led.verdicts) >= 1, timeout=120)
+    fault_services.stop("kafka")
+    try:
+        time.sleep(15)
+        assert worker.proc.poll() is None, worker.tail()
+    finally:
+        fault_services.start()
+    ledger = run.collect(lambda led: led.all_ended(ids)(led), timeout=240, settle=3.0)
+    assert worker.proc.poll() is None, worker.tail()
+    run.stop_all()
+    run.assert_whole(ledger, ids, s3, bucket)
+    assert not ledger.dlq, ledger.dlq

@@ -3,6 +3,7 @@ the attempt header."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from pathlib import Path
@@ -10,8 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import structlog
+from aiokafka.errors import (
+    KafkaConnectionError,
+    LeaderNotAvailableError,
+    MessageSizeTooLargeError,
+)
+from faust.exceptions import ProducerSendError
 
+from synthwatch.operators.errors import TooLarge, is_permanent
 from synthwatch.pipeline.faults import POINTS, FaultPoints
+from synthwatch.pipeline.settings import Settings
 from synthwatch.pipeline.topology import ATTEMPT_HEADER, Watchdog, _attempt, backoff
 
 
@@ -116,12 +125,10 @@ def test_the_sink_endpoint_reads_down_only_on_signs_of_its_own_trouble() -> None
 def test_lag_of_a_partition_lost_in_a_rebalance_is_no_longer_served(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import asyncio
     from collections import namedtuple
 
     from prometheus_client import generate_latest
 
-    from synthwatch.pipeline.settings import Settings
     from synthwatch.pipeline.topology import Pipeline
 
     TP = namedtuple("TP", "topic partition")
@@ -151,5 +158,64 @@ def test_lag_of_a_partition_lost_in_a_rebalance_is_no_longer_served(
         text = generate_latest().decode()
         assert 'synthwatch_consumer_lag{partition="0",topic="lagtest.fetched"} 7.0' in text
         assert 'partition="1",topic="lagtest.fetched"' not in text
+    finally:
+        pipeline.close()
+
+
+class _Topic:
+    """A faust topic whose sends fail with `errors`, in order, then succeed."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.sent: list[bytes] = []
+
+    def get_topic_name(self) -> str:
+        return "media.verdicts"
+
+    async def send(self, *, key: bytes, value: bytes, headers: object) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.errors:
+            fut.set_exception(self.errors.pop(0))
+        else:
+            self.sent.append(value)
+            fut.set_result(None)
+        return fut
+
+
+def _send_error(cause: BaseException) -> ProducerSendError:
+    try:
+        raise ProducerSendError(f"Error while sending: {cause!r}") from cause
+    except ProducerSendError as exc:
+        return exc
+
+
+def test_a_send_the_broker_fails_is_sent_again_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from synthwatch.pipeline import topology
+
+    monkeypatch.setattr(topology, "backoff", lambda *a, **k: 0.0)
+    pipeline = topology.Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
+    try:
+        topic = _Topic(KafkaConnectionError(), _send_error(LeaderNotAvailableError()))
+        asyncio.run(pipeline._send(topic, b"k", b"verdict", []))
+        assert topic.sent == [b"verdict"]  # once, after two failed sends
+        assert "kafka" in pipeline.down  # not ready while the broker fails sends
+    finally:
+        pipeline.close()
+
+
+def test_a_record_the_broker_refuses_for_its_size_is_a_permanent_failure(
+    tmp_path: Path,
+) -> None:
+    from synthwatch.pipeline import topology
+
+    pipeline = topology.Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
+    try:
+        topic = _Topic(_send_error(MessageSizeTooLargeError()))
+        with pytest.raises(TooLarge, match="for its size") as err:
+            asyncio.run(pipeline._send(topic, b"k", b"x" * 10, []))
+        assert is_permanent(err.value)
+        assert topic.sent == []
     finally:
         pipeline.close()
