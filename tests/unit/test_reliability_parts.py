@@ -219,3 +219,32 @@ def test_a_record_the_broker_refuses_for_its_size_is_a_permanent_failure(
         assert topic.sent == []
     finally:
         pipeline.close()
+
+
+def test_a_dead_letter_too_large_for_the_broker_is_sent_without_its_original(
+    tmp_path: Path,
+) -> None:
+    from synthwatch.pipeline import topology
+    from synthwatch.schemas import DeadLetter, decode
+
+    pipeline = topology.Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
+    try:
+        dlq = _Topic(_send_error(MessageSizeTooLargeError()))
+        pipeline.dlq = dlq
+        event = SimpleNamespace(
+            key=b"media-1",
+            value=b'{"big": "' + b"x" * 1000 + b'"}',
+            message=SimpleNamespace(topic="media.verdicts", partition=3, offset=41, headers=[]),
+        )
+        asyncio.run(pipeline._dead_letter("decide", event, "internal", "boom", 0))
+        (sent,) = dlq.sent
+        letter = decode(sent, DeadLetter)
+        assert letter.original == ""  # dropped: it made the record too large
+        assert (letter.id, letter.topic, letter.partition, letter.offset) == (
+            "media-1",
+            "media.verdicts",
+            3,
+            41,
+        )
+    finally:
+        pipeline.close()
