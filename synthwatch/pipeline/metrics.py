@@ -85,6 +85,13 @@ CONSUMER_LAG = Gauge(
     "Records between the committed offset and the high-water mark.",
     ["topic", "partition"],
 )
+OLDEST_IN_FLIGHT = Gauge(
+    "synthwatch_oldest_in_flight_seconds",
+    "Age of the oldest record this worker's stage has taken and not finished; 0 when "
+    "none. Offsets are committed only below it, so a stuck record holds its partition's "
+    "commits back.",
+    ["stage"],
+)
 DEPENDENCY_UP = Gauge(
     "synthwatch_dependency_up",
     "1 when the dependency (kafka, s3, sink) answered its last probe, else 0.",

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import itertools
 import random
 import shutil
 import socket
@@ -122,6 +123,34 @@ class Watchdog:
         return idle if self.in_flight > 0 and idle > self.stall_s else 0.0
 
 
+class InFlight:
+    """When each record a stage is working on was taken, for the age of the oldest.
+
+    The consumer commits no offset past a record in flight (`offsets.py`), so one
+    record stuck in a stage (a hung call, a store outage the stage waits out) holds its
+    partition's commits back while later records keep flowing: consumer lag only creeps
+    up, and a restart redelivers everything after it. The oldest record's age shows it
+    at once (`synthwatch_oldest_in_flight_seconds`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._taken: dict[str, dict[int, float]] = {}
+        self._tokens = itertools.count()
+
+    def start(self, stage: str) -> int:
+        token = next(self._tokens)
+        self._taken.setdefault(stage, {})[token] = self._clock()
+        return token
+
+    def finish(self, stage: str, token: int) -> None:
+        self._taken.get(stage, {}).pop(token, None)
+
+    def oldest_s(self, stage: str) -> float:
+        """Seconds since the oldest unfinished record of `stage` was taken; 0.0 if none."""
+        taken = self._taken.get(stage)
+        return self._clock() - min(taken.values()) if taken else 0.0
+
+
 def s3_client(settings: Settings) -> Any:
     import boto3
     from botocore.config import Config
@@ -210,6 +239,7 @@ class Pipeline:
         self.probe_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sw-probe")
         self.faults = FaultPoints(settings.fault_points)
         self.watchdog = Watchdog(settings.health.stall_s)
+        self.in_flight = InFlight()
         self.lag_reported: set[tuple[str, str]] = set()
         """(topic, partition) label sets of `synthwatch_consumer_lag` this worker serves."""
         self.down: dict[str, str] = {}
@@ -448,6 +478,10 @@ class Pipeline:
         self, stage: Stage, work: Callable[[bytes | None], tuple[Any, bytes, bytes] | None]
     ) -> Callable[[Any], Awaitable[None]]:
         after_send = {"detect": "detect.after_verdict", "decide": "decide.after_alert"}.get(stage)
+        # Read at scrape time, so the age keeps growing while the record is stuck.
+        metrics.OLDEST_IN_FLIGHT.labels(stage).set_function(
+            functools.partial(self.in_flight.oldest_s, stage)
+        )
 
         async def agent(stream: Any) -> None:
             async for event in stream.events():
@@ -460,6 +494,7 @@ class Pipeline:
                     structlog.contextvars.bind_contextvars(attempt=attempt)
                 t0 = time.perf_counter()
                 self.watchdog.started()
+                token = self.in_flight.start(stage)
                 try:
                     with tracing.span(
                         f"synthwatch.{stage}",
@@ -474,6 +509,7 @@ class Pipeline:
                     ) as span:
                         await self._handle(stage, work, event, attempt, after_send, span)
                 finally:
+                    self.in_flight.finish(stage, token)
                     self.watchdog.finished()
                     metrics.STAGE_SECONDS.labels(stage).observe(time.perf_counter() - t0)
                     structlog.contextvars.clear_contextvars()

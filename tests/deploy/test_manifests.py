@@ -932,6 +932,7 @@ ALERTS = {
     "SynthwatchEndToEndLatencyHigh",
     "SynthwatchBatchFillLowUnderLoad",
     "SynthwatchPipelineStalled",
+    "SynthwatchRecordStuck",
     "SynthwatchTargetDown",
     "SynthwatchMetricsAbsent",
 }
@@ -1117,6 +1118,7 @@ def test_rules_pass_promtool_check_and_their_unit_tests(
         "SynthwatchPipelineStalled",
         "SynthwatchDependencyDown",
         "SynthwatchEndToEndLatencyHigh",
+        "SynthwatchRecordStuck",
     }
     assert tests["rule_files"] == [m.RULES_FILE]
 

@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.private_services import PrivateServices, free_port
 
@@ -107,6 +108,19 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of the sample `name` with `labels` on the worker's /metrics, or None
+        when the worker does not answer or serves no such sample."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=3).text
+        except httpx.HTTPError:
+            return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    return float(sample.value)
+        return None
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]

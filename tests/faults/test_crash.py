@@ -82,6 +82,9 @@ def test_a_record_still_in_flight_is_not_skipped_when_a_later_one_finishes_first
     time.sleep(4.0)  # several commit intervals (1 s), with the slow record still going
     committed = run.group()["offsets"].get(f"{run.topic('fetched')}:0", 0)
     assert committed == 0, f"committed {committed}, past the record still in flight"
+    # What an operator sees of it: the age of the record detect still holds.
+    age = victim.metric("synthwatch_oldest_in_flight_seconds", stage="detect")
+    assert age is not None and age >= 4.0, f"oldest in flight {age}\n{victim.tail()}"
     victim.kill()
 
     run.start_worker()

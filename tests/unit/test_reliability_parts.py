@@ -21,7 +21,7 @@ from faust.exceptions import ProducerSendError
 from synthwatch.operators.errors import TooLarge, is_permanent
 from synthwatch.pipeline.faults import POINTS, FaultPoints
 from synthwatch.pipeline.settings import Settings
-from synthwatch.pipeline.topology import ATTEMPT_HEADER, Watchdog, _attempt, backoff
+from synthwatch.pipeline.topology import ATTEMPT_HEADER, InFlight, Watchdog, _attempt, backoff
 
 
 @pytest.mark.parametrize(
@@ -87,6 +87,26 @@ def test_watchdog_reports_a_stall_only_while_work_is_pending() -> None:
     dog.finished()
     time.sleep(0.15)
     assert dog.stalled_for() == 0.0
+
+
+def test_oldest_in_flight_follows_the_oldest_unfinished_record_of_each_stage() -> None:
+    now = [100.0]
+    flight = InFlight(clock=lambda: now[0])
+    assert flight.oldest_s("detect") == 0.0  # nothing taken yet
+    slow = flight.start("detect")
+    now[0] = 130.0
+    fast = flight.start("detect")
+    fetch = flight.start("fetch")
+    now[0] = 160.0
+    # A later record finishing does not hide the one still going since 100.
+    flight.finish("detect", fast)
+    assert flight.oldest_s("detect") == 60.0
+    assert flight.oldest_s("fetch") == 30.0
+    flight.finish("detect", slow)
+    assert flight.oldest_s("detect") == 0.0
+    flight.finish("fetch", fetch)
+    flight.finish("fetch", fetch)  # finishing twice (a retried finally) changes nothing
+    assert flight.oldest_s("fetch") == 0.0
 
 
 @pytest.mark.parametrize(
