@@ -13,6 +13,8 @@ face's edge, which is itself informative.
 from __future__ import annotations
 
 import io
+import threading
+import weakref
 
 import numpy as np
 import numpy.typing as npt
@@ -29,11 +31,28 @@ def last_conv(module: nn.Module) -> nn.Conv2d:
     return convs[-1]
 
 
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(module: nn.Module) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(module, threading.Lock())
+
+
 def grad_cam(module: nn.Module, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """(N, 3, H, W) float32 input -> (N, H, W) heatmaps in [0, 1] for the synthetic score.
 
     Gradients are taken per item (the score of item i only), so items in one batch do
     not explain each other. A map with no positive evidence is all zeros.
+
+    Thread-safe: one module is explained by one thread at a time. The forward hook that
+    captures the activation sits on the shared module, where another thread's forward
+    would fire it too, and switching the module's mode races with a forward in flight;
+    two concurrent Grad-CAMs on one module crashed the process (a segfault, or glibc's
+    "free(): corrupted unsorted chunks") when `scan` explained two alerting items at
+    once. The gradient is taken with respect to the activation alone
+    (`torch.autograd.grad`), so no parameter's `.grad` is written or freed.
     """
     if batch.ndim != 4:
         raise ValueError(f"expected an (N, C, H, W) batch, got shape {batch.shape}")
@@ -41,25 +60,23 @@ def grad_cam(module: nn.Module, batch: npt.NDArray[np.float32]) -> npt.NDArray[n
     acts: list[torch.Tensor] = []
 
     def keep(_m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        out.retain_grad()
         acts.append(out)
 
-    handle = layer.register_forward_hook(keep)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.enable_grad():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).requires_grad_(False)
-            scores = module(x).reshape(-1)
-            scores.sum().backward()
-    finally:
-        handle.remove()
-        module.train(was_training)
-        module.zero_grad(set_to_none=True)
-    act = acts[-1]
-    assert act.grad is not None
-    weights = act.grad.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * act).sum(dim=1, keepdim=True)).detach()
+    with _lock(module):
+        handle = layer.register_forward_hook(keep)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.enable_grad():
+                x = torch.from_numpy(np.ascontiguousarray(batch)).requires_grad_(False)
+                scores = module(x).reshape(-1)
+                (grad,) = torch.autograd.grad(scores.sum(), acts[-1])
+        finally:
+            handle.remove()
+            module.train(was_training)
+    act = acts[-1].detach()
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * act).sum(dim=1, keepdim=True))
     cam = nn.functional.interpolate(
         cam, size=batch.shape[2:], mode="bilinear", align_corners=False
     ).squeeze(1)

@@ -106,3 +106,46 @@ def test_decide_draws_no_heatmap_from_weights_other_than_the_verdicts(tmp_path) 
     assert explainer.overlays(other, frame, image) == []  # type: ignore[arg-type]
     same = SimpleNamespace(signals=[signal(ours)])
     assert [o.role for o in explainer.overlays(same, frame, image)] == ["heatmap"]  # type: ignore[arg-type]
+
+
+RACE = """
+import threading
+import numpy as np
+import torch
+from synthwatch.operators.explain import grad_cam
+from synthwatch.train.nets import SbiFaceNet
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+module = SbiFaceNet().eval()
+rng = np.random.default_rng(0)
+batches = [rng.random((1, 3, 128, 128), dtype=np.float32) for _ in range(2)]
+alone = [grad_cam(module, b) for b in batches]
+wrong = []
+
+def explain(k):
+    for _ in range(100):
+        if not np.allclose(grad_cam(module, batches[k]), alone[k], atol=1e-5):
+            wrong.append(k)
+
+threads = [threading.Thread(target=explain, args=(k,)) for k in (0, 1)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("wrong", len(wrong))
+"""
+
+
+def test_two_threads_explaining_one_model_at_once_each_get_their_own_heatmap() -> None:
+    # `scan` writes the evidence of two alerting items at once, with one torch module per
+    # model. Grad-CAM's hook and mode switches on that shared module used to cross two
+    # threads' work: a segfault, or glibc aborting with "free(): corrupted unsorted
+    # chunks" (the crash seen when a scan of the dev set was interrupted). In a child
+    # process, so a crash fails this test instead of ending the test run.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"crashed: rc {proc.returncode} {proc.stderr[-500:]}"
+    assert proc.stdout.strip() == "wrong 0"
