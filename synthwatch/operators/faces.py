@@ -250,3 +250,80 @@ def _lbp_frontal_cascade() -> cv2.CascadeClassifier:
     if not cascade.read(storage.getFirstTopLevelNode()) or cascade.empty():
         raise ModelUnavailable("OpenCV could not load the LBP face cascade")
     return cascade
+
+
+TRACK_MAX_SHIFT = 1.0
+"""How far a face's centre may lie from where its track predicts it, and still be the same
+face, in units of the face's own size. Sampled frames can lie a second or more apart,
+so a person who crosses the frame between two of them is counted again; a talking head,
+a panel of speakers or a crowd that moves at walking pace keeps one number per person."""
+
+
+@dataclass
+class _Track:
+    box: Box
+    frame: int
+    velocity: tuple[float, float] = (0.0, 0.0)
+    """Centre shift per sampled frame, from the track's last two sightings."""
+
+    def predicted(self, frame: int) -> tuple[float, float]:
+        cx, cy = _centre(self.box)
+        steps = frame - self.frame
+        return cx + self.velocity[0] * steps, cy + self.velocity[1] * steps
+
+    def update(self, box: Box, frame: int) -> None:
+        (ax, ay), (bx, by) = _centre(self.box), _centre(box)
+        steps = max(1, frame - self.frame)
+        self.velocity = ((bx - ax) / steps, (by - ay) / steps)
+        self.box, self.frame = box, frame
+
+
+def track_faces(boxes_per_frame: list[list[Box]]) -> list[list[int]]:
+    """A face number for every box: boxes of the sampled frames that are the same face
+    share one, so the count of distinct numbers is the count of distinct faces rather
+    than of detections.
+
+    Each face seen so far predicts where it is now (constant velocity from its last two
+    sightings); the frame's boxes are matched to those predictions greedily, closest
+    first, within `TRACK_MAX_SHIFT` face sizes and a size ratio of 2. A face may skip
+    frames in which its detection was missed. Two boxes of one frame are never the
+    same face.
+    """
+    tracks: list[_Track] = []
+    out: list[list[int]] = []
+    for frame, boxes in enumerate(boxes_per_frame):
+        pairs: list[tuple[float, int, int]] = []
+        for i, box in enumerate(boxes):
+            for t, track in enumerate(tracks):
+                distance = _face_distance(box, track.box, track.predicted(frame))
+                if distance <= TRACK_MAX_SHIFT:
+                    pairs.append((distance, i, t))
+        ids = [-1] * len(boxes)
+        taken: set[int] = set()
+        for _distance, i, t in sorted(pairs):
+            if ids[i] == -1 and t not in taken:
+                ids[i] = t
+                taken.add(t)
+        for i, box in enumerate(boxes):
+            if ids[i] == -1:
+                ids[i] = len(tracks)
+                tracks.append(_Track(box, frame))
+            else:
+                tracks[ids[i]].update(box, frame)
+        out.append(ids)
+    return out
+
+
+def _centre(box: Box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def _face_distance(box: Box, last: Box, predicted: tuple[float, float]) -> float:
+    """Distance from `box`'s centre to a track's predicted centre over the mean face size;
+    faces of very different sizes (more than 2x) are never the same face."""
+    size_a = max(box[2] - box[0], box[3] - box[1], 1e-6)
+    size_b = max(last[2] - last[0], last[3] - last[1], 1e-6)
+    if max(size_a, size_b) > 2 * min(size_a, size_b):
+        return float("inf")
+    cx, cy = _centre(box)
+    return float(np.hypot(cx - predicted[0], cy - predicted[1]) / ((size_a + size_b) / 2))
