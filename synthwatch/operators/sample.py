@@ -27,8 +27,10 @@ Video sampling follows the measurements in shared/PERF_NOTES.md:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import math
+import re
 import struct
 import time
 from collections import deque
@@ -49,9 +51,10 @@ from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from synthwatch.operators.errors import CorruptMedia, LimitExceeded, UnsupportedMedia
+from synthwatch.operators.sniff import HEAD_BYTES, sniff
 from synthwatch.pipeline.settings import SampleSettings
 
 MediaType = Literal["video", "image", "audio"]
@@ -92,9 +95,19 @@ AUDIO_CODECS: frozenset[str] = frozenset(
 )  # fmt: skip
 
 # Pillow format names. A camera JPEG carrying a second picture opens as "MPO" through the
-# JPEG plugin; it is a still, not an animation. TIFF is left out: many codecs, a long CVE
-# history, rare as an upload.
-IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+# JPEG plugin; it is a still, not an animation. HEIF needs the optional pillow-heif plugin
+# (`pip install 'synthwatch[heif]'`: its wheels bundle libheif and codecs under LGPL/GPL
+# terms, so it is not a default dependency); AVIF is Pillow's own.
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF")
+TIFF_COMPRESSIONS = frozenset(
+    {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits", "jpeg", "tiff_jpeg"}
+)
+"""TIFF codecs we decode: what cameras, scanners and image editors write. TIFF names
+dozens of others (CCITT fax, JBIG, old-style JPEG, ...), rare in uploads and with a long
+history of decoder bugs; they are refused by name before any pixel is decoded."""
+JPEG_MAX_REDUCTION = 8
+"""libjpeg decodes at 1/2, 1/4 or 1/8 scale straight from the DCT coefficients, so a JPEG
+up to 8x8 times `max_pixels` is sampled at reduced size without a full-size buffer."""
 ANIMATED_FORMATS = frozenset({"GIF", "WEBP", "PNG"})
 
 # EXIF orientation -> the transpose that displays the image upright (as ImageOps does).
@@ -167,6 +180,9 @@ class Sampled:
     strategy: str
     """Strategy that ran: smart-seek, keyframes, keyframes+exact, sequential (AVI, decoded
     from the start), still, animated, audio."""
+    notes: list[str] = field(default_factory=list)
+    """What a cap cut short (the part of a long video or animation that was sampled, a
+    huge image decoded at reduced size), for the verdict's notes."""
 
 
 # --------------------------------------------------------------------------- public API
@@ -197,7 +213,7 @@ def sample(path: Path, settings: SampleSettings, *, media_type: str | None = Non
     Raises UnsupportedMedia, CorruptMedia, LimitExceeded (including `max_decode_s`).
     """
     path = Path(path)
-    deadline = time.monotonic() + settings.max_decode_s
+    deadline = _Deadline.after(settings.max_decode_s)
     if _looks_like_image(_read_head(path)):
         if media_type not in (None, "image", "video"):
             raise UnsupportedMedia(f"expected {media_type}, found an image")
@@ -218,13 +234,13 @@ def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> lis
     at that time. Raises like `sample`; an audio-only file has no frames (UnsupportedMedia).
     """
     path = Path(path)
-    deadline = time.monotonic() + settings.max_decode_s
+    deadline = _Deadline.after(settings.max_decode_s)
     if not times_s:
         return []
     if _looks_like_image(_read_head(path)):
         with _open_image(path, settings) as image:
             info = _image_info(image, settings)
-            with _image_errors():
+            with _image_errors(settings):
                 return _image_frames_at(image, info, times_s, settings, deadline)
     with _open_av(path, settings) as container, _av_errors():
         info = _av_info(container, settings)
@@ -245,15 +261,15 @@ def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> lis
 def _read_head(path: Path) -> bytes:
     try:
         with path.open("rb") as f:
-            return f.read(16)
+            return f.read(HEAD_BYTES)
     except OSError as exc:
         raise UnsupportedMedia(f"cannot read file: {exc.strerror}") from None
 
 
 def _looks_like_image(head: bytes) -> bool:
-    return head.startswith(
-        (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-    ) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    """The same judgement as fetch's: an image goes to Pillow, anything else to PyAV."""
+    found = sniff(head)
+    return found is not None and found[1] == "image"
 
 
 def _looks_like_av(head: bytes) -> bool:
@@ -323,7 +339,10 @@ def _av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
     if not set(fmt.split(",")) & AV_FORMATS:  # format_whitelist already refused it
         raise UnsupportedMedia(f"container {fmt} not accepted")
     if len(container.streams) > settings.max_streams:
-        raise LimitExceeded(f"more than {settings.max_streams} streams")
+        raise LimitExceeded(
+            f"more than {settings.max_streams} streams, the cap ({setting('max_streams')}="
+            f"{settings.max_streams})"
+        )
     streams: list[StreamInfo] = []
     video: VideoStream | None = None
     audio: AudioStream | None = None
@@ -342,11 +361,11 @@ def _av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
     if video is None and audio is None:
         raise UnsupportedMedia("no audio or video stream")
 
+    # A duration over `max_duration_s` is not refused: sampling reads only its first
+    # `max_duration_s` seconds (and says so), which bounds the index and the decode.
     duration_s = None
     if container.duration is not None and container.duration > 0:
         duration_s = container.duration / av.time_base
-    if duration_s is not None and duration_s > settings.max_duration_s:
-        raise LimitExceeded(f"duration {duration_s:.0f} s over {settings.max_duration_s:.0f} s")
 
     width = height = 0
     frame_rate = None
@@ -356,12 +375,18 @@ def _av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
         if width <= 0 or height <= 0:
             raise CorruptMedia("video stream without dimensions")
         if width * height > settings.max_pixels:
-            raise LimitExceeded(f"{width}x{height} over {settings.max_pixels} pixels")
+            raise LimitExceeded(
+                f"video is {width}x{height} ({_mpx(width * height)}), over the cap of "
+                f"{_mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels}); "
+                "video frames cannot be decoded at a reduced size"
+            )
         rate = video.average_rate or video.guessed_rate
         frame_rate = float(rate) if rate else None
         frame_count = video.frames or None
-        if frame_count is not None and frame_count > _frame_cap(settings):
-            raise LimitExceeded(f"{frame_count} frames over {_frame_cap(settings)}")
+        within = duration_s is None or duration_s <= settings.max_duration_s
+        if frame_count is not None and within and frame_count > _frame_cap(settings):
+            # More frames than its duration can hold at any real frame rate: a lie.
+            raise LimitExceeded(_too_many_frames(frame_count, settings))
     return MediaInfo(
         media_type="video" if video is not None else "audio",
         container=fmt,
@@ -401,6 +426,8 @@ class _Index:
     """Sorted presentation timestamps of the keyframes."""
     end: int
     """Timestamp just past the last frame."""
+    truncated: bool = False
+    """The stream goes on past `max_duration_s`; only its first part is indexed."""
 
     def to_pts(self, seconds: float) -> int:
         return math.floor(seconds / self.time_base + 1e-6)
@@ -435,23 +462,58 @@ def _frame_cap(settings: SampleSettings) -> int:
     return math.ceil(settings.max_duration_s * MAX_FRAME_RATE)
 
 
+def _too_many_frames(count: int | str, settings: SampleSettings) -> str:
+    return (
+        f"video stream has {count} frames, over the {_frame_cap(settings)} that "
+        f"{setting('max_duration_s')}={settings.max_duration_s:g} allows at "
+        f"{MAX_FRAME_RATE} fps"
+    )
+
+
+def _mpx(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} Mpx"
+
+
+def _hms(seconds: float) -> str:
+    """A duration as a person reads it: 4 h 10 min, 12 min 5 s, 42.0 s."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{seconds:.1f} s"
+
+
 def _index_packets(
-    container: InputContainer, stream: VideoStream, settings: SampleSettings, deadline: float
+    container: InputContainer, stream: VideoStream, settings: SampleSettings, deadline: _Deadline
 ) -> _Index:
+    """Index the video stream's first `max_duration_s` seconds (all of it when shorter):
+    packets past that are not read, so a long recording costs what its cap allows."""
     if stream.time_base is None:
         raise CorruptMedia("video stream without a time base")
     cap = _frame_cap(settings)
+    horizon: int | None = None  # pts past which packets are not indexed
     all_pts: list[int] = []
     keyframes: list[int] = []
     end = 0
+    truncated = False
     for n, packet in enumerate(container.demux(stream)):
         if n % 256 == 0:
-            _check_deadline(deadline)
+            deadline.check()
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is None or packet.size == 0:
             continue
+        if horizon is None:
+            horizon = ts + math.floor(settings.max_duration_s / float(stream.time_base))
+        if ts >= horizon:
+            # Packets come in decode order, so a few B-frames of the window may follow
+            # the first packet past it; one GOP's worth of slack finds them.
+            if ts >= horizon + math.ceil(10.0 / float(stream.time_base)):
+                truncated = True
+                break
+            truncated = True
+            continue
         if len(all_pts) >= cap:
-            raise LimitExceeded(f"more than {cap} frames")
+            raise LimitExceeded(_too_many_frames(f"more than {cap}", settings))
         all_pts.append(ts)
         if packet.is_keyframe:
             keyframes.append(ts)
@@ -461,13 +523,14 @@ def _index_packets(
     # A sample table naming many more frames than the file holds is not a truncated
     # download (that loses at most what is missing) but a lie, and FFmpeg's seek then
     # walks every phantom entry, for minutes, in C where no deadline check can reach.
-    if stream.frames > 2 * len(all_pts) + _PHANTOM_FRAMES:
+    # (An index cut at the duration cap holds only the frames of its window.)
+    if not truncated and stream.frames > 2 * len(all_pts) + _PHANTOM_FRAMES:
         raise CorruptMedia(f"container names {stream.frames} frames, holds {len(all_pts)}")
     all_pts.sort()
     end = max(end, all_pts[-1] + 1)
     # A stream whose first packet is not flagged key still decodes from its start.
     keyframes = sorted(set(keyframes) | {all_pts[0]})
-    return _Index(float(stream.time_base), all_pts, keyframes, end)
+    return _Index(float(stream.time_base), all_pts, keyframes, end, truncated)
 
 
 class _Decoder:
@@ -479,7 +542,7 @@ class _Decoder:
         stream: VideoStream,
         index: _Index,
         settings: SampleSettings,
-        deadline: float,
+        deadline: _Deadline,
     ) -> None:
         self._container = container
         self._stream = stream
@@ -580,7 +643,7 @@ class _Decoder:
             assert self._packets is not None
             for n, packet in enumerate(self._packets):
                 if n % 64 == 0:
-                    _check_deadline(self._deadline)
+                    self._deadline.check()
                 ts = packet.pts if packet.pts is not None else packet.dts
                 # Only key packets reach the decoder: VP9 ignores NONKEY and would
                 # decode every frame otherwise.
@@ -601,7 +664,7 @@ class _Decoder:
     # -- plumbing -----------------------------------------------------------------------
 
     def _seek(self, pts: int) -> None:
-        _check_deadline(self._deadline)
+        self._deadline.check()
         self._container.seek(pts, backward=True, any_frame=False, stream=self._stream)
         self.seeks += 1
         self._pending.clear()
@@ -612,7 +675,7 @@ class _Decoder:
     def _next_frame(self) -> VideoFrame | None:
         while not self._pending:
             assert self._packets is not None
-            _check_deadline(self._deadline)
+            self._deadline.check()
             packet = next(self._packets, None)
             if packet is None:
                 return None
@@ -673,19 +736,24 @@ def _targets(start: float, duration: float, settings: SampleSettings) -> list[fl
 
 
 def _sample_av(
-    container: InputContainer, info: MediaInfo, settings: SampleSettings, deadline: float
+    container: InputContainer, info: MediaInfo, settings: SampleSettings, deadline: _Deadline
 ) -> Sampled:
     frames: list[Frame] = []
+    notes: list[str] = []
     keyframes = None
     strategy = "audio"
     duration_s = info.duration_s or 0.0
     if info.media_type == "video":
         stream = _video_stream(container)
         index = _index_packets(container, stream, settings, deadline)
-        span_s = index.seconds(index.end - index.pts[0])
+        span_s = min(index.seconds(index.end - index.pts[0]), settings.max_duration_s)
         duration_s = info.duration_s or span_s
-        if span_s > settings.max_duration_s:
-            raise LimitExceeded(f"duration {span_s:.0f} s over {settings.max_duration_s:.0f} s")
+        if index.truncated:
+            total = f"{_hms(duration_s)}" if duration_s > span_s else "a longer stream"
+            notes.append(
+                f"video: only the first {_hms(span_s)} of {total} were sampled "
+                f"(cap {setting('max_duration_s')}={settings.max_duration_s:g})"
+            )
         targets = [
             index.pts_at(index.to_pts(t))
             for t in _targets(index.seconds(index.pts[0]), span_s, settings)
@@ -711,6 +779,11 @@ def _sample_av(
         audio = _decode_audio(container, container.streams.audio[0], settings, deadline)
         if info.media_type == "audio" and not duration_s:
             duration_s = len(audio) / AUDIO_RATE
+        if len(audio) >= settings.max_audio_s * AUDIO_RATE and duration_s > settings.max_audio_s:
+            notes.append(
+                f"audio: only the first {_hms(settings.max_audio_s)} of {_hms(duration_s)} "
+                f"were decoded (cap {setting('max_audio_s')}={settings.max_audio_s:g})"
+            )
     return Sampled(
         media_type=info.media_type,
         frames=frames,
@@ -723,6 +796,7 @@ def _sample_av(
         audio_codec=info.audio_codec,
         keyframes=keyframes,
         strategy=strategy,
+        notes=notes,
     )
 
 
@@ -813,7 +887,7 @@ def _sample_adaptive(
 
 
 def _decode_audio(
-    container: InputContainer, stream: AudioStream, settings: SampleSettings, deadline: float
+    container: InputContainer, stream: AudioStream, settings: SampleSettings, deadline: _Deadline
 ) -> np.ndarray:
     limit = int(settings.max_audio_s * AUDIO_RATE)
     if container.streams.video:  # the video pass left the demuxer at the end
@@ -825,7 +899,7 @@ def _decode_audio(
     total = 0
     for n, packet in enumerate(container.demux(stream)):
         if n % 64 == 0:
-            _check_deadline(deadline)
+            deadline.check()
         for frame in packet.decode():
             out: list[AudioFrame] = []
             # A stream can change rate, layout or sample format midway (spliced
@@ -851,9 +925,28 @@ def _decode_audio(
     return np.concatenate(chunks)[:limit].astype(np.float32, copy=False)
 
 
-def _check_deadline(deadline: float) -> None:
-    if time.monotonic() > deadline:
-        raise LimitExceeded("decoding took longer than max_decode_s")
+@dataclass(frozen=True)
+class _Deadline:
+    at: float
+    budget_s: float
+
+    @classmethod
+    def after(cls, seconds: float) -> _Deadline:
+        return cls(time.monotonic() + seconds, seconds)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now > self.at:
+            elapsed = now - self.at + self.budget_s
+            raise LimitExceeded(
+                f"decoding took {elapsed:.1f} s, over the cap of {self.budget_s:g} s "
+                f"({setting('max_decode_s')})"
+            )
+
+
+def setting(name: str) -> str:
+    """How a user sets a sampling cap: the environment variable naming it."""
+    return f"SYNTHWATCH_SAMPLE__{name.upper()}"
 
 
 # --------------------------------------------------------------------------- Pillow side
@@ -865,35 +958,89 @@ _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 
 
 @contextmanager
-def _image_errors() -> Iterator[None]:
+def _image_errors(settings: SampleSettings) -> Iterator[None]:
     """Turn Pillow's failures into the project's error types."""
     try:
         yield
-    except Image.DecompressionBombError:
-        raise LimitExceeded("image over the pixel cap") from None
+    except Image.DecompressionBombError as exc:
+        raise LimitExceeded(_bomb(exc, settings)) from None
     except _PILLOW_ERRORS as exc:
         raise CorruptMedia(f"image does not decode: {type(exc).__name__}") from None
 
 
-def _open_image(path: Path, settings: SampleSettings) -> Image.Image:
+def _bomb(exc: Image.DecompressionBombError, settings: SampleSettings) -> str:
+    """Pillow's own size check fired (the sandbox sets its cap to ours): say so in the
+    words of our other limits."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{_mpx(int(found.group(1)))} " if found else ""
+    return (
+        f"image of {size}is over the cap of {_mpx(settings.max_pixels)} "
+        f"({setting('max_pixels')}={settings.max_pixels})"
+    )
+
+
+def register_plugins() -> None:
+    """Every Pillow plugin we accept, HEIF's too when its optional package is installed."""
     Image.init()  # registers WEBP; Image.open only preloads a few plugins by itself
+    with contextlib.suppress(ImportError):
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+
+
+def _open_image(path: Path, settings: SampleSettings) -> Image.Image:
+    register_plugins()
+    image: Image.Image
     try:
-        # Image.open reads the header only; pixels are decoded on load().
-        image = Image.open(path, formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError:
-        raise LimitExceeded("image over the pixel cap") from None
+        # Image.open reads the header only; pixels are decoded on load(). It also
+        # refuses, from the header, an image over Pillow's pixel cap (the sandbox sets
+        # it to ours), except for a JPEG: that may be larger, as it decodes at down to
+        # 1/8 scale, so it is opened by its plugin and `_check_image` judges its size.
+        if sniff(_read_head(path)) == ("image/jpeg", "image"):
+            image = JpegImagePlugin.JpegImageFile(path)
+        else:
+            image = Image.open(path, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise LimitExceeded(_bomb(exc, settings)) from None
     except UnidentifiedImageError:
+        if sniff(_read_head(path)) in (("image/heic", "image"), ("image/heif", "image")):
+            raise UnsupportedMedia(
+                "HEIF/HEIC images need the optional pillow-heif plugin: "
+                "pip install 'synthwatch[heif]'"
+            ) from None
         raise UnsupportedMedia("image format not accepted or unreadable") from None
     except _PILLOW_ERRORS as exc:
         raise CorruptMedia(f"image header does not parse: {type(exc).__name__}") from None
+    try:
+        _check_image(image, settings)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _check_image(image: Image.Image, settings: SampleSettings) -> None:
     width, height = image.size
     if width <= 0 or height <= 0:
-        image.close()
         raise CorruptMedia("image without dimensions")
-    if width * height > settings.max_pixels:
-        image.close()
-        raise LimitExceeded(f"{width}x{height} over {settings.max_pixels} pixels")
-    return image
+    fmt = (image.format or "").upper()
+    if fmt == "TIFF":
+        compression = str(image.info.get("compression", "raw"))
+        if compression not in TIFF_COMPRESSIONS:
+            raise UnsupportedMedia(f"TIFF compression {compression!r} not accepted")
+    pixels = width * height
+    if pixels <= settings.max_pixels:
+        return
+    over = (
+        f"image is {width}x{height} ({_mpx(pixels)}), over the cap of "
+        f"{_mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels})"
+    )
+    if fmt not in ("JPEG", "MPO"):
+        raise LimitExceeded(f"{over}; only JPEG can be decoded at a reduced size")
+    if pixels > settings.max_pixels * JPEG_MAX_REDUCTION**2:
+        raise LimitExceeded(
+            f"{over}, even at the 1/{JPEG_MAX_REDUCTION} scale JPEG can be decoded at"
+        )
 
 
 @dataclass
@@ -904,9 +1051,7 @@ class _Animation:
 
 def _image_info(image: Image.Image, settings: SampleSettings) -> MediaInfo:
     fmt = (image.format or "").upper()
-    n_frames = _frame_count(image)
-    if n_frames > settings.max_image_frames:
-        raise LimitExceeded(f"{n_frames} animation frames over {settings.max_image_frames}")
+    n_frames = _frame_count(image, settings)
     width, height = image.size
     if _orientation(image) in (5, 6, 7, 8):
         width, height = height, width
@@ -925,8 +1070,8 @@ def _image_info(image: Image.Image, settings: SampleSettings) -> MediaInfo:
     )
 
 
-def _frame_count(image: Image.Image) -> int:
-    with _image_errors():
+def _frame_count(image: Image.Image, settings: SampleSettings) -> int:
+    with _image_errors(settings):
         return int(getattr(image, "n_frames", 1))
 
 
@@ -953,16 +1098,21 @@ def _seek(image: Image.Image, n: int, settings: SampleSettings) -> None:
     image.seek(n)
     width, height = image.size
     if width * height > settings.max_pixels:
-        raise LimitExceeded(f"animation frame grows the image to {width}x{height}")
+        raise LimitExceeded(
+            f"animation frame {n} grows the image to {width}x{height} "
+            f"({_mpx(width * height)}), over the cap of {_mpx(settings.max_pixels)} "
+            f"({setting('max_pixels')}={settings.max_pixels})"
+        )
 
 
 def _animation_timeline(
-    image: Image.Image, settings: SampleSettings, deadline: float
+    image: Image.Image, settings: SampleSettings, deadline: _Deadline
 ) -> _Animation:
+    """Start time of each frame, of the first `max_image_frames` frames at most."""
     timeline = _Animation()
     elapsed_ms = 0  # whole milliseconds, so times do not drift by float rounding
-    for i in range(_frame_count(image)):
-        _check_deadline(deadline)
+    for i in range(min(_frame_count(image, settings), settings.max_image_frames)):
+        deadline.check()
         _seek(image, i, settings)
         duration_ms = round(float(image.info.get("duration") or 0))
         timeline.starts_s.append(elapsed_ms / 1000)
@@ -973,22 +1123,30 @@ def _animation_timeline(
 
 
 def _sample_image(
-    image: Image.Image, info: MediaInfo, settings: SampleSettings, deadline: float
+    image: Image.Image, info: MediaInfo, settings: SampleSettings, deadline: _Deadline
 ) -> Sampled:
-    with _image_errors():
+    notes: list[str] = []
+    with _image_errors(settings):
         if info.media_type == "image":
-            if (image.format or "").upper() == "JPEG" and max(image.size) > MAX_SIDE:
-                # JPEG can decode at 1/2, 1/4, 1/8 scale for free: no full-size buffer.
-                image.draft("RGB", _capped(*image.size))
+            reduced = _draft(image, settings)
+            if reduced is not None:
+                notes.append(reduced)
             frames = [Frame(0, 0.0, _image_array(image, _orientation(image)))]
             duration_s, strategy = 0.0, "still"
         else:
             timeline = _animation_timeline(image, settings, deadline)
+            total = info.frame_count or len(timeline.starts_s)
+            if total > len(timeline.starts_s):
+                notes.append(
+                    f"animation: only the first {len(timeline.starts_s)} of {total} frames "
+                    f"({_hms(timeline.duration_s)}) were sampled (cap "
+                    f"{setting('max_image_frames')}={settings.max_image_frames})"
+                )
             targets = _targets(0.0, timeline.duration_s, settings)
             wanted = sorted({_animation_frame(timeline, t) for t in targets})
             frames = []
             for i, n in enumerate(wanted):
-                _check_deadline(deadline)
+                deadline.check()
                 _seek(image, n, settings)
                 frames.append(Frame(i, timeline.starts_s[n], _image_array(image, 1)))
             duration_s, strategy = timeline.duration_s, "animated"
@@ -1004,6 +1162,41 @@ def _sample_image(
         audio_codec=None,
         keyframes=None,
         strategy=strategy,
+        notes=notes,
+    )
+
+
+def _draft(image: Image.Image, settings: SampleSettings) -> str | None:
+    """Ask a large JPEG to decode at 1/2, 1/4 or 1/8 scale (free: libjpeg scales the DCT
+    coefficients, so no full-size buffer exists): to what the frame is shrunk to anyway
+    (`MAX_SIDE`), and always to within `max_pixels`. A note when the image was over the
+    pixel cap."""
+    if (image.format or "").upper() not in ("JPEG", "MPO"):
+        return None
+    width, height = image.size
+    over = width * height > settings.max_pixels
+    if max(width, height) <= MAX_SIDE and not over:
+        return None
+    request = _capped(width, height)
+    if over:
+        # libjpeg's scaled sizes round up; the largest scale whose result fits the cap.
+        scale = next(
+            (
+                1 / d
+                for d in (2, 4, JPEG_MAX_REDUCTION)
+                if math.ceil(width / d) * math.ceil(height / d) <= settings.max_pixels
+            ),
+            1 / JPEG_MAX_REDUCTION,
+        )
+        fit = (math.ceil(width * scale), math.ceil(height * scale))
+        request = (min(request[0], fit[0]), min(request[1], fit[1]))
+    image.draft("RGB", request)
+    if not over:
+        return None
+    return (
+        f"image: {width}x{height} ({_mpx(width * height)}) is over the cap of "
+        f"{_mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels}); "
+        f"decoded at {image.size[0]}x{image.size[1]}"
     )
 
 
@@ -1016,16 +1209,17 @@ def _image_frames_at(
     info: MediaInfo,
     times_s: list[float],
     settings: SampleSettings,
-    deadline: float,
+    deadline: _Deadline,
 ) -> list[Frame]:
     if info.media_type == "image":
+        _draft(image, settings)
         still = _image_array(image, _orientation(image))
         return [Frame(i, 0.0, still) for i in range(len(times_s))]
     timeline = _animation_timeline(image, settings, deadline)
     wanted = {_animation_frame(timeline, t) for t in times_s}
     arrays: dict[int, np.ndarray] = {}
     for n in sorted(wanted):
-        _check_deadline(deadline)
+        deadline.check()
         _seek(image, n, settings)
         arrays[n] = _image_array(image, 1)
     picks = [_animation_frame(timeline, t) for t in times_s]

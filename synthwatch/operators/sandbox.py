@@ -83,7 +83,14 @@ from PIL import Image
 from synthwatch.operators import errors as errors_mod
 from synthwatch.operators import sample as sample_op
 from synthwatch.operators.errors import CorruptMedia, LimitExceeded, SynthwatchError
-from synthwatch.operators.sample import AUDIO_RATE, MAX_SIDE, Frame, MediaInfo, Sampled
+from synthwatch.operators.sample import (
+    AUDIO_RATE,
+    MAX_SIDE,
+    Frame,
+    MediaInfo,
+    Sampled,
+    register_plugins,
+)
 from synthwatch.pipeline.settings import SampleSettings
 
 log = structlog.get_logger("synthwatch.sandbox")
@@ -488,7 +495,7 @@ def _serve(fd: int, memory_mb: int) -> None:
     """The child's loop: one request in, one reply out, until the parent hangs up."""
     sock = socket.socket(fileno=fd)
     warnings.simplefilter("ignore")  # stderr is /dev/null; formatting them costs time
-    Image.init()  # import every Pillow plugin now, not on the first item
+    register_plugins()  # import every Pillow plugin now, not on the first item
     try:
         _limit_process(memory_mb)
     except (OSError, ValueError) as exc:

@@ -311,7 +311,6 @@ def webp_claiming(width: int, height: int) -> bytes:
         # per-frame check stops it (it used to decode, at 800 MB).
         ("gif-second-frame.gif", gif((1, 1), [(0, 0, 1, 1), (0, 0, 12000, 12000)])),
         ("gif-modest-growth.gif", gif((1, 1), [(0, 0, 1, 1), (0, 0, 9000, 9000)])),
-        ("jpeg-sof.jpg", jpeg_claiming(65000, 65000)),
         ("bmp.bmp", bmp_claiming(20_000, 20_000)),
         ("webp-canvas.webp", webp_claiming(16384, 16384)),
     ],
@@ -335,6 +334,41 @@ def test_an_image_claiming_absurd_dimensions_is_refused_within_bounded_memory(
         assert isinstance(out, LimitExceeded), f"{name}: {out!r}"
         assert took < 5.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024
+
+
+def test_a_jpeg_too_large_even_at_one_eighth_scale_is_refused_within_bounded_memory(
+    media_dir: Path,
+) -> None:
+    # A JPEG decodes at 1/8 scale at most, so one claiming more than 64x the pixel cap
+    # cannot be brought under it and is refused from its header. (At the default cap of
+    # 67 Mpx every JPEG fits: the largest, 65535x65535, decodes at 8192x8192 at most,
+    # which is the cap's memory; a smaller cap shows the refusal.)
+    path = media_dir / "jpeg-sof.jpg"
+    path.write_bytes(jpeg_claiming(65000, 65000))
+    settings = SampleSettings(frames=4, max_decode_s=10.0, max_pixels=16_000_000)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for call in (sandbox.probe, sandbox.sample, sample_op.sample):
+        out, took = timed(functools.partial(call, path, settings))
+        if call is sandbox.probe and isinstance(out, MediaInfo):
+            continue  # probe reads the header only; sampling is what refuses
+        assert isinstance(out, LimitExceeded), f"{out!r}"
+        assert "65000x65000" in str(out) and "1/8" in str(out)
+        assert "SYNTHWATCH_SAMPLE__MAX_PIXELS=16000000" in str(out)
+        assert took < 5.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024
+
+
+def test_a_huge_jpeg_is_sampled_at_reduced_size_inside_the_sandboxs_memory_cap(
+    media_dir: Path,
+) -> None:
+    path = media_dir / "jpeg-sof-sampled.jpg"
+    path.write_bytes(jpeg_claiming(65000, 65000))
+    out, took = timed(functools.partial(sandbox.sample, path, SETTINGS))
+    assert not isinstance(out, Exception), out
+    assert (out.width, out.height) == (65000, 65000)
+    assert max(out.frames[0].image.shape[:2]) <= 1920
+    assert any("decoded at 8125x8125" in n for n in out.notes)
+    assert took < 10.0
 
 
 # H.264 sequence parameter sets, rewritten bit by bit: the container says 64x64, the
@@ -577,11 +611,18 @@ def test_thousands_of_streams_are_refused_quickly(media_dir: Path) -> None:
 # --------------------------------------------------------------------------- frame counts
 
 
-def test_a_gif_with_a_hundred_thousand_frames_is_refused_in_bounded_time(media_dir: Path) -> None:
+def test_a_gif_with_a_hundred_thousand_frames_is_sampled_within_the_cap_in_bounded_time(
+    media_dir: Path,
+) -> None:
     path = media_dir / "endless.gif"
     path.write_bytes(gif((1, 1), [(0, 0, 1, 1)] * 100_000))
     out, took = timed(lambda: sandbox.sample(path, SETTINGS))
-    assert isinstance(out, LimitExceeded) and "animation frames" in str(out)
+    assert not isinstance(out, Exception), out
+    assert len(out.frames) == SETTINGS.frames
+    assert out.notes == [
+        "animation: only the first 2000 of 100000 frames (3 min 20 s) were sampled "
+        "(cap SYNTHWATCH_SAMPLE__MAX_IMAGE_FRAMES=2000)"
+    ]
     assert took < 5.0
 
 
@@ -593,8 +634,10 @@ def test_an_apng_claiming_two_billion_frames_is_refused(media_dir: Path) -> None
     actl = data.index(b"acTL") - 4
     data[actl : actl + 20] = png_chunk(b"acTL", struct.pack(">II", 2**31 - 1, 0))
     path.write_bytes(bytes(data))
-    with pytest.raises(LimitExceeded, match="animation frames"):
-        sandbox.sample(path, SETTINGS)
+    # Sampling reads at most `max_image_frames` of them, and finds the claim a lie.
+    out, took = timed(lambda: sandbox.sample(path, SETTINGS))
+    assert isinstance(out, CorruptMedia), out
+    assert took < 5.0
 
 
 def mp4_box(data: bytes, path: list[bytes]) -> int:

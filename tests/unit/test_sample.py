@@ -302,10 +302,17 @@ def test_an_animation_is_sampled_like_a_video(media_dir: Path, fmt: Literal["GIF
     assert redrawn[0].time_s == 0.7
 
 
-def test_an_animation_over_max_image_frames_is_refused(media_dir: Path) -> None:
-    path = mf.make_animated(media_dir / "many.gif", frames=12)
-    with pytest.raises(LimitExceeded):
-        sample(path, SampleSettings(max_image_frames=10))
+def test_an_animation_over_max_image_frames_is_sampled_within_its_first_frames(
+    media_dir: Path,
+) -> None:
+    path = mf.make_animated(media_dir / "many.gif", frames=12)  # 100 ms a frame
+    result = sample(path, SampleSettings(frames=4, max_image_frames=10))
+    assert result.media_type == "video" and len(result.frames) == 4
+    assert result.duration_s == pytest.approx(1.0)
+    assert all(f.time_s < 1.0 for f in result.frames)
+    [note] = result.notes
+    assert "first 10 of 12 frames" in note and "SYNTHWATCH_SAMPLE__MAX_IMAGE_FRAMES=10" in note
+    assert sample(path, SampleSettings(frames=4)).notes == []
 
 
 def test_a_png_claiming_absurd_dimensions_is_refused_before_decoding(media_dir: Path) -> None:
@@ -358,19 +365,64 @@ def test_a_truncated_image_is_corrupt(media_dir: Path) -> None:
         sample(mf.make_corrupt(media_dir / "cut.jpg", src, keep=0.3), SETTINGS)
 
 
-def test_a_video_over_max_pixels_is_refused(clip: Callable[[str], Path]) -> None:
-    with pytest.raises(LimitExceeded):
+def test_a_video_over_max_pixels_is_refused_naming_its_size_the_cap_and_the_setting(
+    clip: Callable[[str], Path],
+) -> None:
+    with pytest.raises(LimitExceeded) as info:
         sample(clip("h264_gop25"), SampleSettings(max_pixels=320 * 240 - 1))
+    message = str(info.value)
+    assert "320x240" in message and "0.1 Mpx" in message
+    assert "SYNTHWATCH_SAMPLE__MAX_PIXELS=76799" in message
 
 
-def test_a_video_over_max_duration_is_refused(clip: Callable[[str], Path]) -> None:
-    with pytest.raises(LimitExceeded):
-        probe(clip("h264_gop25"), SampleSettings(max_duration_s=1.0))
+def test_a_video_over_max_duration_is_sampled_within_its_first_part(
+    clip: Callable[[str], Path],
+) -> None:
+    path = clip("h264_gop25")  # 2 s
+    assert probe(path, SampleSettings(max_duration_s=1.0)).duration_s == pytest.approx(2.0, 0.05)
+    for mode in ("exact", "keyframes", "adaptive"):
+        result = sample(path, SampleSettings(frames=4, max_duration_s=1.0, mode=mode))
+        assert len(result.frames) == 4, mode
+        assert all(f.time_s < 1.0 for f in result.frames), mode
+        [note] = result.notes
+        assert "first 1.0 s of 2.0 s" in note and "SYNTHWATCH_SAMPLE__MAX_DURATION_S=1" in note
+    assert sample(path, SampleSettings(frames=4)).notes == []
+
+
+def test_a_long_audio_track_is_decoded_within_its_cap_and_says_so(media_dir: Path) -> None:
+    path = mf.make_audio(media_dir / "long.wav", seconds=2.0)
+    result = sample(path, SampleSettings(max_audio_s=1.0))
+    assert result.audio is not None and len(result.audio) == 16000
+    [note] = result.notes
+    assert "first 1.0 s of 2.0 s" in note and "SYNTHWATCH_SAMPLE__MAX_AUDIO_S=1" in note
 
 
 def test_decoding_past_max_decode_s_is_refused(clip: Callable[[str], Path]) -> None:
-    with pytest.raises(LimitExceeded):
-        sample(clip("h264_gop25"), SampleSettings(max_decode_s=0.0))
+    with pytest.raises(LimitExceeded, match=r"over the cap of 1e-09 s \(SYNTHWATCH_SAMPLE__MAX"):
+        sample(clip("h264_gop25"), SampleSettings(max_decode_s=1e-9))
+
+
+def test_a_jpeg_over_max_pixels_is_decoded_at_reduced_size(media_dir: Path) -> None:
+    path = mf.make_image(media_dir / "big.jpg", width=800, height=600)
+    result = sample(path, SampleSettings(max_pixels=100_000))
+    assert result.frames[0].image.shape == (150, 200, 3)  # 1/4: 1/2 would be 120,000 px
+    assert (result.width, result.height) == (800, 600)
+    [note] = result.notes
+    assert "800x600" in note and "decoded at 200x150" in note
+    assert "SYNTHWATCH_SAMPLE__MAX_PIXELS=100000" in note
+    with pytest.raises(LimitExceeded, match="even at the 1/8 scale"):
+        sample(path, SampleSettings(max_pixels=7_000))  # 1/8 is 100x75 = 7,500 px
+
+
+def test_other_images_over_max_pixels_are_refused_naming_size_cap_and_setting(
+    media_dir: Path,
+) -> None:
+    path = mf.make_image(media_dir / "big.png", width=800, height=600, fmt="PNG")
+    with pytest.raises(LimitExceeded) as info:
+        sample(path, SampleSettings(max_pixels=100_000))
+    message = str(info.value)
+    assert "800x600 (0.5 Mpx)" in message and "0.1 Mpx" in message
+    assert "SYNTHWATCH_SAMPLE__MAX_PIXELS=100000" in message and "only JPEG" in message
 
 
 @pytest.mark.parametrize("max_streams", [2, 3])
@@ -433,10 +485,33 @@ def test_a_text_file_is_unsupported(media_dir: Path) -> None:
         sample(path, SETTINGS)
 
 
-def test_a_tiff_is_unsupported(media_dir: Path) -> None:
-    path = media_dir / "scan.tiff"
-    Image.new("RGB", (16, 16)).save(path, format="TIFF")
-    with pytest.raises(UnsupportedMedia):
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("plain.tiff", {"format": "TIFF"}),
+        ("lzw.tiff", {"format": "TIFF", "compression": "tiff_lzw"}),
+        ("still.avif", {"format": "AVIF"}),
+        ("still.heic", {"format": "HEIF"}),
+    ],
+)
+def test_tiff_avif_and_heif_stills_are_sampled(
+    media_dir: Path, name: str, options: dict[str, str]
+) -> None:
+    if options["format"] == "HEIF":
+        pillow_heif = pytest.importorskip("pillow_heif", reason="the [heif] extra")
+        pillow_heif.register_heif_opener()
+    path = media_dir / name
+    Image.new("RGB", (40, 24), (200, 30, 90)).save(path, **options)
+    for media_type in (None, "image"):
+        result = sample(path, SETTINGS, media_type=media_type)
+        assert result.media_type == "image" and result.frames[0].image.shape == (24, 40, 3)
+        assert np.abs(result.frames[0].image[12, 20].astype(int) - (200, 30, 90)).max() < 12
+
+
+def test_a_tiff_with_a_rare_codec_is_refused_by_name(media_dir: Path) -> None:
+    path = media_dir / "fax.tiff"
+    Image.new("1", (64, 64)).save(path, format="TIFF", compression="group4")
+    with pytest.raises(UnsupportedMedia, match="group4"):
         sample(path, SETTINGS)
 
 
