@@ -173,11 +173,17 @@ def measuring(items: int) -> Iterator[Measured]:
 def bench_settings(model_dir: Path, **sample: Any) -> Any:
     """Settings for the benchmark: bundled models only; nothing alerts, so no evidence
     bundle is written (the Kafka benchmark uses the same policy)."""
-    from synthwatch.pipeline.settings import PolicySettings, SampleSettings, Settings
+    from synthwatch.pipeline.settings import (
+        ModelSettings,
+        PolicySettings,
+        SampleSettings,
+        Settings,
+    )
 
     return Settings(
         model_dir=model_dir,
         sample=SampleSettings(**sample),
+        models=ModelSettings(audio_models=()),  # AASIST's weights are third-party
         policy=PolicySettings(alert_on=()),
     )
 

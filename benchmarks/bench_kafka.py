@@ -147,6 +147,7 @@ class Run:
                 "SYNTHWATCH_MODELS__THREADS": str(self.threads),
                 "SYNTHWATCH_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
                 "SYNTHWATCH_MODEL_DIR": str(self.work / "no-third-party-models"),
+                "SYNTHWATCH_MODELS__AUDIO_MODELS": "[]",
                 "SYNTHWATCH_POLICY__ALERT_ON": "[]",
                 "SYNTHWATCH_SAMPLE__FRAMES": str(FRAMES),
                 "SYNTHWATCH_LOG_JSON": "true",

@@ -250,7 +250,10 @@ def _timed_scan(backend: str, media: list[str], workers: int) -> dict[str, Any]:
         # One entry per item, in media order (None: not scored), so two backends' runs
         # compare item by item even when one of them failed an item.
         "scores": [
-            None if r.verdict is None else float(r.verdict.synthetic_score) for r in results
+            None
+            if r.verdict is None or r.verdict.synthetic_score is None
+            else float(r.verdict.synthetic_score)
+            for r in results
         ],
     }
 

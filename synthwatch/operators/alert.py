@@ -19,6 +19,8 @@ from synthwatch.schemas import Alert, Verdict
 
 
 def alert_id(media_sha256: str, model_set: str, policy_version: str) -> str:
+    # The "v1" names this derivation, not the record's version: alert.v2 records keep
+    # the ids alert.v1 gave, so a SIEM deduplicating on them sees no new findings.
     text = f"synthwatch.alert.v1\n{media_sha256}\n{model_set}\n{policy_version}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

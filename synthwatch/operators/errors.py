@@ -87,6 +87,12 @@ class InvalidInput(SynthwatchError):
     reason = "invalid_input"
 
 
+class ConfigError(SynthwatchError):
+    """A setting or a command-line option has a value synthwatch cannot run with."""
+
+    reason = "config"
+
+
 class SchemaInvalid(SynthwatchError):
     """A record on a topic does not decode as the schema it should have."""
 

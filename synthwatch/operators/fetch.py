@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self
 
+import httpcore
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -132,6 +133,46 @@ class Fetcher:
         raise InvalidRef(
             f"refused {shown}: scheme {scheme!r} is not fetched; use http://, https:// or s3://"
         )
+
+    def precheck(self, url: str) -> None:
+        """Refuse a reference `fetch` would refuse, without transferring anything: a
+        malformed URL or scheme, a local file that is missing or unreadable, a host that
+        is or resolves only to a refused address. Cheap enough to run on every input
+        before loading models, so a typo is reported in a moment. A name that does not
+        resolve is left to `fetch`, which says so with the transfer's other errors.
+
+        Raises InvalidRef and RefusedAddress as `fetch` does.
+        """
+        shown = netguard.redact_url(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            raise InvalidRef(f"refused {shown}: malformed URL") from None
+        scheme = parts.scheme.lower()
+        if scheme in ("http", "https"):
+            target = netguard.check_url(
+                url,
+                allow_private=self._settings.allow_private,
+                allow_networks=self._networks,
+            )
+            guard = netguard.GuardedBackend(
+                allow_private=self._settings.allow_private, allow_networks=self._networks
+            )
+            try:
+                guard.vet(target.host, target.port or (443 if scheme == "https" else 80))
+            except RefusedAddress as exc:
+                raise RefusedAddress(f"refused {shown}: {exc}") from None
+            except httpcore.ConnectError:
+                return
+        elif scheme == "s3":
+            if not parts.netloc or not parts.path.strip("/"):
+                raise InvalidRef(f"refused {shown}: expected s3://bucket/key")
+        elif scheme in ("", "file"):
+            self._local_path(url, is_uri=scheme == "file", shown=shown)
+        else:
+            raise InvalidRef(
+                f"refused {shown}: scheme {scheme!r} is not fetched; use http://, https:// or s3://"
+            )
 
     # --- http(s) ---------------------------------------------------------------------
 
@@ -301,22 +342,7 @@ class Fetcher:
 
     def _fetch_local(self, ref: str, *, is_uri: bool) -> Fetched:
         shown = netguard.redact_url(ref) if is_uri else ref
-        if not self._embedded:
-            raise InvalidRef(
-                f"refused {shown}: local files are read only by `synthwatch scan` "
-                "(embedded mode); workers fetch http(s):// and s3:// references"
-            )
-        if is_uri:
-            parts = urllib.parse.urlsplit(ref)
-            if parts.netloc not in ("", "localhost"):
-                raise InvalidRef(f"refused {shown}: file:// URLs must name a local file")
-            path = Path(urllib.request.url2pathname(parts.path))
-        else:
-            path = Path(ref).expanduser()
-        try:
-            resolved = path.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise InvalidRef(f"cannot read {shown}: no such file") from None
+        resolved = self._local_path(ref, is_uri=is_uri, shown=shown)
         # O_NONBLOCK so that a FIFO swapped in after resolve() cannot block the open;
         # fstat on the open descriptor is the check that counts.
         try:
@@ -342,6 +368,31 @@ class Fetcher:
             media_type=digest.media_type,
             url=resolved.as_uri(),
         )
+
+    def _local_path(self, ref: str, *, is_uri: bool, shown: str) -> Path:
+        """The file a local reference names, resolved; InvalidRef when it is not one we
+        may read (outside embedded mode, missing, not a regular file, unreadable)."""
+        if not self._embedded:
+            raise InvalidRef(
+                f"refused {shown}: local files are read only by `synthwatch scan` "
+                "(embedded mode); workers fetch http(s):// and s3:// references"
+            )
+        if is_uri:
+            parts = urllib.parse.urlsplit(ref)
+            if parts.netloc not in ("", "localhost"):
+                raise InvalidRef(f"refused {shown}: file:// URLs must name a local file")
+            path = Path(urllib.request.url2pathname(parts.path))
+        else:
+            path = Path(ref).expanduser()
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise InvalidRef(f"cannot read {shown}: no such file") from None
+        if not resolved.is_file():
+            raise InvalidRef(f"cannot read {shown}: not a regular file")
+        if not os.access(resolved, os.R_OK):
+            raise InvalidRef(f"cannot read {shown}: permission denied")
+        return resolved
 
     # --- shared ------------------------------------------------------------------------
 

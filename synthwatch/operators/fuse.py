@@ -59,12 +59,18 @@ def frame_spans(times: Sequence[float], duration_s: float) -> list[tuple[float, 
 
 @dataclass(frozen=True)
 class Fused:
-    score: float
+    score: float | None
+    """The fused synthetic score; None when no signal entered fusion and none decided:
+    nothing was measured, and no number may stand for that."""
     minimum: Decision | None
     """The lowest decision the signals allow (`review` for a failed C2PA validation)."""
     decided_by: list[str]
-    """Signals that set the score: the decisive ones, else the top modality's."""
-    scored: bool
+    """Every signal that set the score or forced the decision: the decisive ones, else
+    the strongest modality's, plus any that set a minimum decision."""
+
+    @property
+    def scored(self) -> bool:
+        return self.score is not None
 
 
 def calibrate(signals: Sequence[Signal], calibration: Calibration) -> list[Signal]:
@@ -99,13 +105,15 @@ def fused(signal: Signal) -> bool:
 def combine(signals: Sequence[Signal], *, prior: float = 0.5) -> Fused:
     """One synthetic score from calibrated signals (see the module docstring).
 
-    `scored` is False when no signal entered fusion and none decided: nothing was
-    measured, and the 0.0 score must not read as evidence of authenticity.
+    The score is None when no signal entered fusion and none decided; a signal that only
+    sets a minimum decision (a C2PA manifest failing validation) forces that decision
+    without inventing a score.
     """
     decisive = [s for s in signals if s.decides == "flag"]
-    minimum: Decision | None = "review" if any(s.decides == "review" for s in signals) else None
+    floors = [s.name for s in signals if s.decides == "review"]
+    minimum: Decision | None = "review" if floors else None
     if decisive:
-        return Fused(score=1.0, minimum="flag", decided_by=[s.name for s in decisive], scored=True)
+        return Fused(score=1.0, minimum="flag", decided_by=[s.name for s in decisive])
     base = logit(prior)
     z, evidence = base, []
     for modality in FUSED_MODALITIES:
@@ -117,11 +125,14 @@ def combine(signals: Sequence[Signal], *, prior: float = 0.5) -> Fused:
         z += z_m - base
         evidence.append((z_m - base, [s.name for s in members]))
     if not evidence:
-        names = [s.name for s in signals if s.decides == "review"]
-        return Fused(score=0.0, minimum=minimum, decided_by=names, scored=minimum is not None)
+        return Fused(score=None, minimum=minimum, decided_by=floors)
     strongest = max(evidence, key=lambda e: e[0])[1]
     score = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-    return Fused(score=score, minimum=minimum, decided_by=strongest, scored=True)
+    return Fused(
+        score=score,
+        minimum=minimum,
+        decided_by=strongest + [n for n in floors if n not in strongest],
+    )
 
 
 def aggregate(frames: Sequence[FrameResult], duration_s: float) -> tuple[float, list[Segment]]:

@@ -488,6 +488,33 @@ class GuardedBackend(httpcore.SyncBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
         timeout = _clamp(timeout, httpcore.ConnectTimeout)
+        last_error: OSError | None = None
+        for family, sockaddr in self.vet(host, port):
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            try:
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+            except TimeoutError as exc:
+                sock.close()
+                raise httpcore.ConnectTimeout(f"connect to {sockaddr[0]} timed out") from exc
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+                continue
+            return GuardedStream(SyncStream(sock))
+        raise httpcore.ConnectError(f"cannot connect to {host}: {last_error}")
+
+    def vet(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        """The (family, sockaddr) pairs `host` may be connected to, in resolver order.
+
+        Raises `RefusedAddress` when every address it resolves to is refused, and
+        `httpcore.ConnectError` when it does not resolve.
+        """
         literal = parse_host(host)
         candidates: list[tuple[int, tuple[Any, ...]]] = []
         refused: list[tuple[IPAddress, str]] = []
@@ -521,27 +548,7 @@ class GuardedBackend(httpcore.SyncBackend):
                     what = explain(ip, reason)
                 raise RefusedAddress(f"{what} ({_hint_for(ip, reason)})")
             raise httpcore.ConnectError(f"{host} has no IPv4 or IPv6 address")
-
-        last_error: OSError | None = None
-        for family, sockaddr in candidates:
-            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            try:
-                for option in socket_options or ():
-                    sock.setsockopt(*option)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if local_address is not None:
-                    sock.bind((local_address, 0))
-                sock.settimeout(timeout)
-                sock.connect(sockaddr)
-            except TimeoutError as exc:
-                sock.close()
-                raise httpcore.ConnectTimeout(f"connect to {sockaddr[0]} timed out") from exc
-            except OSError as exc:
-                sock.close()
-                last_error = exc
-                continue
-            return GuardedStream(SyncStream(sock))
-        raise httpcore.ConnectError(f"cannot connect to {host}: {last_error}")
+        return candidates
 
     def connect_unix_socket(
         self,

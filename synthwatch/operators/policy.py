@@ -1,4 +1,4 @@
-"""Turn a synthetic score into a decision: `flag`, `review` or `pass`.
+"""Turn a synthetic score into a decision: `flag`, `review`, `pass` or `inconclusive`.
 
 Thresholds are versioned with the policy: an alert names the policy version that
 produced it, so a threshold change is visible in every downstream record and alert ids
@@ -26,14 +26,22 @@ class Policy:
                 f"got review={self.review_threshold} flag={self.flag_threshold}"
             )
 
-    def decide(self, synthetic_score: float, *, minimum: Decision | None = None) -> Decision:
+    def decide(self, synthetic_score: float | None, *, minimum: Decision | None = None) -> Decision:
         """The decision for a score; never below `minimum` (set by a finding such as a
-        C2PA manifest that fails validation, which a low model score cannot clear)."""
-        if synthetic_score >= self.flag_threshold or minimum == "flag":
+        C2PA manifest that fails validation, which a low model score cannot clear).
+
+        No score (nothing measured the item) is `inconclusive`, unless a finding forces
+        a decision on its own: it is never `pass`, because nothing showed the item real.
+        """
+        if minimum == "flag" or (
+            synthetic_score is not None and synthetic_score >= self.flag_threshold
+        ):
             return "flag"
-        if synthetic_score >= self.review_threshold or minimum == "review":
+        if minimum == "review" or (
+            synthetic_score is not None and synthetic_score >= self.review_threshold
+        ):
             return "review"
-        return "pass"
+        return "pass" if synthetic_score is not None else "inconclusive"
 
     def alerts(self, decision: Decision) -> bool:
         """Whether this decision gets an evidence bundle and an alert."""

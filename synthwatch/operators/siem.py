@@ -7,7 +7,7 @@ reads a clock, the environment or a random source.
 
 Formats (`SinkSettings.format`):
 
-- `native`: the alert.v1 record exactly as it travels on `media.alerts`.
+- `native`: the alert.v2 record exactly as it travels on `media.alerts`.
 - `ocsf`: an OCSF 1.5.0 Detection Finding (class_uid 2004, category_uid 2 Findings,
   activity_id 1 Create, type_uid 200401). 1.5.0 is the schema version py-ocsf-models
   0.10.0 models (its `OCSF_VERSION`), against which the tests validate our output. The
@@ -21,11 +21,15 @@ Formats (`SinkSettings.format`):
 
 Severity and confidence, from the alert's decision and synthetic score:
 
-    decision   severity_id / severity     confidence_score   confidence_id / confidence
-    flag       4 High                     80..100            3 High
-    review     3 Medium                   50..79             2 Medium
-    pass       1 Informational            0..49              1 Low
-                                          (score not finite) 0 Unknown, no confidence_score
+    decision      severity_id / severity  confidence_score   confidence_id / confidence
+    flag          4 High                  80..100            3 High
+    review        3 Medium                50..79             2 Medium
+    pass          1 Informational         0..49              1 Low
+    inconclusive  0 Unknown               (no score)         0 Unknown, no confidence_score
+
+An `inconclusive` alert (sent only where the policy's `alert_on` asks for them) says
+that the detectors could not score the item: its severity is OCSF's Unknown, not
+Informational, because nothing was found either way, and it carries no confidence.
 
 `confidence_score` is the synthetic score in percent, rounded half up and clamped to
 0..100 (0.0 -> 0, 0.5 -> 50, 0.8 -> 80, 1.0 -> 100), and the confidence band is read
@@ -55,7 +59,7 @@ Where the media and its evidence go:
   version, segments, decided_by, submitted_at.
 
 URLs in an alert are already redacted (`operators/alert.py`); they are passed through
-`redact_urls` again, which leaves a redacted URL unchanged, so an alert.v1 line from
+`redact_urls` again, which leaves a redacted URL unchanged, so an alert line from
 anywhere else (`synthwatch alerts convert`) cannot carry a signature into a SIEM either.
 """
 
@@ -94,6 +98,7 @@ SEVERITY: dict[Decision, tuple[int, str]] = {
     "flag": (4, "High"),
     "review": (3, "Medium"),
     "pass": (1, "Informational"),
+    "inconclusive": (0, "Unknown"),
 }
 # OCSF 1.5.0 confidence_id: 0 Unknown, 1 Low, 2 Medium, 3 High.
 CONFIDENCE_UNKNOWN = (0, "Unknown")
@@ -119,9 +124,15 @@ TITLES: dict[Decision, str] = {
     "flag": "Synthetic media detected: {media_type}",
     "review": "Possible synthetic media, needs review: {media_type}",
     "pass": "No synthetic media detected: {media_type}",
+    "inconclusive": "Synthetic-media scan inconclusive, needs review: {media_type}",
 }
 
 _encoder = msgspec.json.Encoder(order="deterministic")
+RECORD_TYPE = Alert.__struct_config__.tag
+
+
+def finite(score: float | None) -> bool:
+    return score is not None and math.isfinite(score)
 
 
 def severity(decision: Decision) -> tuple[int, str]:
@@ -129,9 +140,9 @@ def severity(decision: Decision) -> tuple[int, str]:
     return SEVERITY[decision]
 
 
-def confidence(score: float) -> tuple[int, str, int | None]:
+def confidence(score: float | None) -> tuple[int, str, int | None]:
     """OCSF (confidence_id, confidence, confidence_score) for a synthetic score."""
-    if not math.isfinite(score):
+    if score is None or not math.isfinite(score):
         return (*CONFIDENCE_UNKNOWN, None)
     percent = min(100, max(0, math.floor(score * 100.0 + 0.5)))
     for lowest, (cid, caption) in CONFIDENCE_BANDS:
@@ -212,9 +223,8 @@ def ocsf_finding(alert: Alert) -> dict[str, Any]:
     sev_id, sev = severity(alert.decision)
     conf_id, conf, conf_score = confidence(alert.synthetic_score)
     title = TITLES[alert.decision].format(media_type=alert.media_type)
-    score_text = (
-        f"{alert.synthetic_score:.3f}" if math.isfinite(alert.synthetic_score) else "unknown"
-    )
+    score = alert.synthetic_score if finite(alert.synthetic_score) else None
+    score_text = "unknown" if score is None else f"{score:.3f}"
 
     media_evidence: dict[str, Any] = {
         "name": "media",
@@ -279,8 +289,12 @@ def ocsf_finding(alert: Alert) -> dict[str, Any]:
             "uid": alert.alert_id,
             "title": title,
             "desc": (
-                f"synthwatch scored this {alert.media_type} {score_text} synthetic "
-                f"(decision {alert.decision} under policy {alert.policy_version}, "
+                (
+                    f"synthwatch scored this {alert.media_type} {score_text} synthetic "
+                    if score is not None
+                    else f"No synthwatch detector could score this {alert.media_type} "
+                )
+                + f"(decision {alert.decision} under policy {alert.policy_version}, "
                 f"model set {alert.model_set}); {len(alert.segments)} time segment(s) "
                 f"drove the score. Evidence bundle: {evidence_uri} "
                 f"(manifest sha256 {alert.manifest_sha256})."
@@ -310,11 +324,9 @@ def ocsf_finding(alert: Alert) -> dict[str, Any]:
         ],
         "observables": observables,
         "unmapped": {
-            "record_type": "alert.v1",
+            "record_type": RECORD_TYPE,
             "decision": alert.decision,
-            "synthetic_score": alert.synthetic_score
-            if math.isfinite(alert.synthetic_score)
-            else None,
+            "synthetic_score": score,
             "model_set": alert.model_set,
             "policy_version": alert.policy_version,
             "segments": [

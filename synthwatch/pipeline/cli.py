@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -25,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from synthwatch.operators.errors import SynthwatchError
+from synthwatch.operators.errors import ConfigError, SynthwatchError
 from synthwatch.pipeline.settings import Settings
 
 app = typer.Typer(
@@ -40,7 +42,9 @@ app.add_typer(models_app, name="models")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
-alerts_app = typer.Typer(no_args_is_help=True, help="Work with alert.v1 records.")
+alerts_app = typer.Typer(
+    no_args_is_help=True, help="Work with alert records (alert.v2; alert.v1 is still read)."
+)
 app.add_typer(alerts_app, name="alerts")
 
 err = Console(stderr=True)
@@ -113,20 +117,41 @@ def _shown(source: str) -> str:
     return redact_url(source) if "://" in source else source
 
 
+FLAGS = {
+    "models__backend": "--backend",
+    "sample__frames": "--frames",
+    "models__allow_missing": "--allow-missing-models",
+}
+"""The command-line option behind each setting a command may override."""
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with CLI flags layered on top."""
-    settings = Settings()
+    """Settings from the environment, with CLI flags layered on top, every value
+    validated: a bad one is a `ConfigError` naming the variable or the option."""
+    from synthwatch.pipeline import settings as settings_mod
+
+    settings = settings_mod.load()
     update: dict[str, Any] = {}
     for dotted, value in overrides.items():
         if value is None:
             continue
         section, _, key = dotted.partition("__")
-        if key:
-            current = update.get(section) or getattr(settings, section)
-            update[section] = current.model_copy(update={key: value})
-        else:
+        if not key:
             update[section] = value
+            continue
+        current = update.get(section) or getattr(settings, section)
+        try:
+            update[section] = type(current).model_validate({**current.model_dump(), key: value})
+        except ValidationError as exc:
+            flag = FLAGS.get(dotted, dotted)
+            raise ConfigError(
+                settings_mod.validation_line(exc, where=functools.partial(_named, flag))
+            ) from None
     return settings.model_copy(update=update) if update else settings
+
+
+def _named(flag: str, _loc: tuple[str | int, ...]) -> str:
+    return flag
 
 
 def expand_sources(sources: list[str]) -> list[str]:
@@ -166,11 +191,29 @@ def scan_all(
 ) -> list[ScanResult]:
     """Fetch and analyse every source with one engine (crops of concurrent items share
     batches); with a store, write evidence bundles for alerting items. One item's
-    failure, even a bug, is recorded in its result and never loses the others."""
+    failure, even a bug, is recorded in its result and never loses the others.
+
+    Every source is checked first (a missing file, a refused address), before any model
+    is loaded: when none is usable the answer comes at once. `on_result` sees the
+    results in the order of `sources`.
+    """
     from synthwatch.operators.fetch import Fetcher
-    from synthwatch.pipeline.engine import Engine, Item, decide, sampled_evidence
 
     results: list[ScanResult] = [ScanResult(source=s) for s in sources]
+    with Fetcher(settings.fetch, embedded=True) as fetcher:
+        for res in results:
+            try:
+                fetcher.precheck(res.source)
+            except SynthwatchError as exc:
+                res.error, res.reason = str(exc), exc.reason
+    todo = [r for r in results if r.error is None]
+    if not todo:
+        for res in results:
+            on_result(res)
+        return results
+
+    from synthwatch.pipeline.engine import Engine, Item, decide, sampled_evidence
+
     with (
         Engine(settings) as engine,
         Fetcher(settings.fetch, embedded=True) as fetcher,
@@ -212,13 +255,34 @@ def scan_all(
 
         with (
             _progress() as progress,
-            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="scan") as pool,
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool,
         ):
-            task = progress.add_task("scanning", total=len(results))
-            for res in pool.map(one, results):
-                progress.advance(task)
-                on_result(res)
+            task = progress.add_task("scanning", total=len(todo))
+            done = pool.map(one, todo)
+            pending = {id(r) for r in todo}
+            try:
+                for res in results:
+                    if id(res) in pending:
+                        next(done)
+                        progress.advance(task)
+                    on_result(res)
+            except KeyboardInterrupt:
+                _drain_on_interrupt(pool)
+                raise
     return results
+
+
+def _drain_on_interrupt(pool: ThreadPoolExecutor) -> None:
+    """After Ctrl-C: start no more items and wait for the ones in flight, so the engine
+    is closed after its last user and no thread runs torch or ONNX Runtime while the
+    interpreter shuts down. A second Ctrl-C ends the process at once (exit 130) without
+    running finalisers: every verdict line already written is whole and flushed, and a
+    hard exit cannot corrupt what a shutdown racing live threads can."""
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(130))
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @app.command()
@@ -237,17 +301,33 @@ def scan(
     ] = None,
     frames: Annotated[int | None, typer.Option(help="Frames sampled per video.")] = None,
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
+    allow_missing_models: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing-models",
+            help="Scan with the models that are installed when some listed ones are not; "
+            "items nothing else can score come out inconclusive.",
+        ),
+    ] = False,
 ) -> None:
     """Scan local files or URLs in this process (no broker) and print the verdicts."""
     from synthwatch.operators.store import LocalStore
     from synthwatch.pipeline import logging as sw_logging
 
-    settings = load_settings(models__backend=backend, sample__frames=frames)
+    settings = load_settings(
+        models__backend=backend,
+        sample__frames=frames,
+        models__allow_missing=True if allow_missing_models else None,
+    )
+    if workers < 1:
+        raise ConfigError(f"--workers: must be at least 1 (got {workers})")
     sw_logging.configure("WARNING", settings.log_json)
     items = expand_sources(sources)
     if not items:
         err.print("[bold red]error[/]: nothing to scan (no media files found)")
         raise typer.Exit(2)
+    if evidence_dir is not None:
+        _check_writable_dir(evidence_dir, "--evidence-dir")
     json_fh = _open_json(json_out)
     store = LocalStore(evidence_dir) if evidence_dir else None
 
@@ -276,6 +356,17 @@ def scan(
         err.print(f"verdicts written to {json_out}", highlight=False)
     if any(r.error for r in results):
         raise typer.Exit(1)
+
+
+def _check_writable_dir(path: Path, option: str) -> None:
+    """Create `path` if needed and prove a file can be written there, before any item
+    is scanned: a typo must not surface on the first alerting item, minutes in."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".synthwatch-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _verdict_json(verdict: Any) -> dict[str, Any]:
@@ -307,7 +398,12 @@ def _progress() -> Progress:
     )
 
 
-_DECISION_STYLE = {"flag": "bold red", "review": "yellow", "pass": "green"}
+_DECISION_STYLE = {
+    "flag": "bold red",
+    "review": "yellow",
+    "pass": "green",
+    "inconclusive": "bold magenta",
+}
 
 
 def _print_table(results: list[ScanResult], *, to_stderr: bool) -> None:
@@ -316,7 +412,7 @@ def _print_table(results: list[ScanResult], *, to_stderr: bool) -> None:
     table.add_column("type")
     table.add_column("score", justify="right")
     table.add_column("decision")
-    table.add_column("faces", justify="right")
+    table.add_column("faces", justify="right")  # distinct faces, tracked across frames
     table.add_column("notes / error", overflow="fold")
     for r in results:
         if r.error is not None:
@@ -324,10 +420,11 @@ def _print_table(results: list[ScanResult], *, to_stderr: bool) -> None:
             continue
         rec = r.record
         decision = rec["decision"]
+        score = rec["synthetic_score"]
         table.add_row(
             r.source,
             rec["media_type"],
-            f"{rec['synthetic_score']:.3f}",
+            "-" if score is None else f"{score:.3f}",
             f"[{_DECISION_STYLE[decision]}]{decision}[/]",
             str(rec["faces_found"]),
             "; ".join(rec.get("notes", [])),
@@ -345,6 +442,13 @@ def worker(
         str,
         typer.Option(help="fetch | detect | decide | sink | all (all: sink when its URL is set)"),
     ] = "all",
+    allow_missing_models: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing-models",
+            help="Start with the models that are installed when some listed ones are not.",
+        ),
+    ] = False,
 ) -> None:
     """Run a streaming worker for one role (or all) against Kafka and S3."""
     from synthwatch.pipeline import logging as sw_logging
@@ -355,7 +459,7 @@ def worker(
             f"[bold red]error[/]: unknown role {role!r}: use fetch, detect, decide, sink or all"
         )
         raise typer.Exit(2)
-    settings = load_settings()
+    settings = load_settings(models__allow_missing=True if allow_missing_models else None)
     sw_logging.configure(settings.log_level, settings.log_json)
     topology.run_worker(settings, role)  # type: ignore[arg-type]
 
@@ -457,11 +561,13 @@ def dlq_replay(
 def alerts_convert(
     file: Annotated[
         str,
-        typer.Argument(help="alert.v1 JSON lines (e.g. from kafka-console-consumer); - is stdin."),
+        typer.Argument(
+            help="alert.v2 or alert.v1 JSON lines (e.g. from kafka-console-consumer); - is stdin."
+        ),
     ] = "-",
     fmt: Annotated[str, typer.Option("--format", help="native | ocsf | splunk_hec")] = "ocsf",
 ) -> None:
-    """Print each alert.v1 line as native JSON, an OCSF Detection Finding or a Splunk HEC
+    """Print each alert line as native JSON, an OCSF Detection Finding or a Splunk HEC
     event, one per line. A bad line is reported on stderr with its line number, the
     others are still converted, and the exit code is 1."""
     from rich.markup import escape
@@ -571,6 +677,13 @@ def calibrate(
     ),
     method: Annotated[str, typer.Option(help="platt | isotonic")] = "platt",
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
+    allow_missing_models: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing-models",
+            help="Measure the models that are installed when some listed ones are not.",
+        ),
+    ] = False,
 ) -> None:
     """Fit a per-model calibration on labelled media and save it.
 
@@ -586,7 +699,10 @@ def calibrate(
     # successor, so scan with none.
     empty = Path(tempfile.mkdtemp(prefix="synthwatch-cal-")) / "none.json"
     cal.save(cal.EMPTY, empty)
-    settings = load_settings(models__calibration=empty)
+    settings = load_settings(
+        models__calibration=empty,
+        models__allow_missing=True if allow_missing_models else None,
+    )
     scored, fitted_on = _scan_labelled(settings, labels, workers)
     fitted = ev.fit_calibration(
         scored,
@@ -616,13 +732,20 @@ def eval_cmd(
         int, typer.Option(help="Cross-validation folds for refitted calibration (0: skip).")
     ] = 5,
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
+    allow_missing_models: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing-models",
+            help="Measure the models that are installed when some listed ones are not.",
+        ),
+    ] = False,
 ) -> None:
     """Scan labelled media and report AUC, EER, precision/recall/FPR per media type."""
     from synthwatch.models.registry import ModelStore
     from synthwatch.pipeline import evaluate as ev
     from synthwatch.pipeline.engine import build_policy, load_calibration
 
-    settings = load_settings()
+    settings = load_settings(models__allow_missing=True if allow_missing_models else None)
     scored, fitted_on = _scan_labelled(settings, labels, workers)
     calibration, _ = load_calibration(settings.models)
     policy = build_policy(settings)
@@ -643,7 +766,11 @@ def eval_cmd(
             "overall": cv["overall"],
             "by_type": cv["by_type"],
             "items": [
-                {"path": r["path"], "synthetic_score": r["synthetic_score"]}
+                {
+                    "path": r["path"],
+                    "synthetic_score": r["synthetic_score"],
+                    "decision": r["decision"],
+                }
                 for r in cv["items"]
                 if "error" not in r
             ],
@@ -685,7 +812,18 @@ def _print_signals(rows: list[dict[str, Any]]) -> None:
 
 def _print_eval(report: dict[str, Any], title: str) -> None:
     table = Table(title=f"evaluation: {title}", title_justify="left")
-    for col in ("type", "n", "fake", "AUC", "EER", "thr", "precision", "recall", "FPR"):
+    for col in (
+        "type",
+        "n",
+        "fake",
+        "inconclusive",
+        "AUC",
+        "EER",
+        "thr",
+        "precision",
+        "recall",
+        "FPR",
+    ):
         table.add_column(col, justify="right")
 
     def fmt(v: Any) -> str:
@@ -699,6 +837,9 @@ def _print_eval(report: dict[str, Any], title: str) -> None:
                 name if key == "at_review" else "",
                 str(m["n"]) if key == "at_review" else "",
                 str(m["n_fake"]) if key == "at_review" else "",
+                f"{m['n_inconclusive']} ({m['inconclusive_rate'] or 0:.0%})"
+                if key == "at_review"
+                else "",
                 fmt(m["auc"]) if key == "at_review" else "",
                 fmt(m["eer"]) if key == "at_review" else "",
                 fmt(t["threshold"]),

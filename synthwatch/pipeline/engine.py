@@ -8,10 +8,11 @@ crops from concurrent items share batches.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -59,7 +60,18 @@ log = structlog.get_logger("synthwatch.engine")
 CROP_SIZE = 256
 """Face crops are cut once at this size and resized to each face model's input."""
 NO_FACE_NOTE = "no face found: the face models did not score this item"
-NOTHING_SCORED_NOTE = "nothing was scored: the synthetic score is not evidence of authenticity"
+INCONCLUSIVE_NOTE = (
+    "inconclusive: no detector that applies to this item produced a score, so there is "
+    "no synthetic score; this is not evidence of authenticity"
+)
+UNSCORED_NOTE = (
+    "no detector produced a score: the decision was forced by a finding alone, and "
+    "there is no synthetic score"
+)
+SOUNDTRACK_NOTE = (
+    "soundtrack not scored: the speech models misread real video soundtracks (music and "
+    "room sound under the speech) as synthetic, see docs/EVALUATION.md"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,17 @@ class Item:
             blob=str(fetched.path),
             mime=fetched.mime,
         )
+
+
+@dataclass(frozen=True)
+class Faces:
+    """What the face models made of one item."""
+
+    frames: list[FrameResult] = field(default_factory=list)
+    """Frames with at least one face, with each face's box and scores."""
+    signals: list[Signal] = field(default_factory=list)
+    distinct: int = 0
+    """Distinct faces, tracked across the sampled frames."""
 
 
 @dataclass(frozen=True)
@@ -196,37 +219,62 @@ def load_calibration(settings: ModelSettings) -> tuple[Calibration, str]:
     return cal, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+MODEL_LISTS: dict[ModelKind, str] = {
+    "face": "face_models",
+    "image": "image_models",
+    "audio": "audio_models",
+}
+"""The setting that lists each kind's models (`SYNTHWATCH_MODELS__<NAME>`)."""
+
+
+def setting_name(kind: ModelKind) -> str:
+    return f"SYNTHWATCH_MODELS__{MODEL_LISTS[kind].upper()}"
+
+
 class Engine:
     def __init__(self, settings: Settings, *, cache_dir: Path | None = None) -> None:
+        """Load every configured model, or refuse to start.
+
+        Raises `ModelUnavailable` naming each configured model that is unknown, listed
+        under the wrong kind, or whose weights are missing or altered, with where they
+        were looked for and how to fix it. With `models.allow_missing`, models whose
+        weights are missing or altered are left out instead (`missing` says why, and
+        the verdicts of the items they would have scored say so); an unknown name is a
+        typo and is refused either way.
+        """
         self.settings = settings
         torch.set_num_threads(max(1, settings.models.threads))
         self.models = ModelStore(settings.model_dir, cache_dir=cache_dir)
         ms = settings.models
         self.backend_name = resolve_backend_name(ms.backend)
-        self.skipped: dict[str, str] = {}
+        self.missing: dict[str, tuple[ModelKind, str]] = {}
+        """Listed models left out under `allow_missing`: name -> (kind, why)."""
         self.detectors: list[Detector] = []
         self.faces: FaceFinder | None = None
         self.face_detector_name = ""
-        lists: tuple[tuple[tuple[str, ...], ModelKind], ...] = (
-            (ms.face_models, "face"),
-            (ms.image_models, "image"),
-            (ms.audio_models, "audio"),
-        )
         try:
-            for names, kind in lists:
-                for name in names:
-                    self._load(name, kind)
+            self._check_lists()
+            # Every listed model's weights are verified before any is loaded, so a
+            # missing one is reported in a moment, not after the others' sessions.
+            present = [
+                (name, kind)
+                for kind, listing in MODEL_LISTS.items()
+                for name in getattr(ms, listing)
+                if self._present(name, kind)
+            ]
+            for name, kind in present:
+                self._load(name, kind)
             if not self.detectors:
                 raise ModelUnavailable(
                     "no detector could be loaded: "
-                    + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+                    + "; ".join(why for _kind, why in self.missing.values())
                 )
             if self.by_kind("face"):
                 self.faces, self.face_detector_name = load_face_detector(self.models, ms)
         except BaseException:
             self.close()
             raise
-        for name, why in self.skipped.items():
+        for name, (_kind, why) in self.missing.items():
             log.warning("model left out", model=name, reason=why)
         self.calibration, cal_sha = load_calibration(ms)
         self.policy = build_policy(settings)
@@ -238,18 +286,52 @@ class Engine:
         self.model_set = h.hexdigest()[:16]
         self._explainer: Explainer | None = None
 
-    def _load(self, name: str, kind: ModelKind) -> None:
-        ms = self.settings.models
+    def _check_lists(self) -> None:
+        """Every listed name must be a registered model of the list's kind: a typo
+        would otherwise drop a detector without a word."""
+        problems = []
+        known = {spec.name: spec.kind for spec in self.models.specs}
+        for kind, listing in MODEL_LISTS.items():
+            for name in getattr(self.settings.models, listing):
+                if known.get(name) == kind:
+                    continue
+                if name in known:
+                    problems.append(
+                        f"{name!r} in {setting_name(kind)} is a {known[name]} model; "
+                        f"list it in {setting_name(known[name])}"
+                        if known[name] in MODEL_LISTS
+                        else f"{name!r} in {setting_name(kind)} is a {known[name]}, not a detector"
+                    )
+                    continue
+                same_kind = [n for n, k in known.items() if k == kind]
+                close = difflib.get_close_matches(name, same_kind, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(
+                    f"unknown model {name!r} in {setting_name(kind)}: {hint}"
+                    f"known {kind} models: {', '.join(same_kind)}"
+                )
+        if problems:
+            raise ModelUnavailable("; ".join(problems))
+
+    def _present(self, name: str, kind: ModelKind) -> bool:
+        """Whether `name`'s weights are in place and intact; raises `ModelUnavailable`
+        when they are not, unless `allow_missing` (then False, and `missing` says why)."""
         try:
-            spec = self.models.spec(name)
-            if spec.kind != kind:
-                raise ModelUnavailable(f"{name} is a {spec.kind} model, listed as {kind}")
             self.models.resolve(name)
         except ModelUnavailable as exc:
-            if ms.require_all:
-                raise
-            self.skipped[name] = str(exc)
-            return
+            if not self.settings.models.allow_missing:
+                raise ModelUnavailable(
+                    f"{exc} (listed in {setting_name(kind)}; if the weights are "
+                    "elsewhere, set SYNTHWATCH_MODEL_DIR; to scan without this model, "
+                    "pass --allow-missing-models)"
+                ) from None
+            self.missing[name] = (kind, str(exc))
+            return False
+        return True
+
+    def _load(self, name: str, kind: ModelKind) -> None:
+        ms = self.settings.models
+        spec = self.models.spec(name)
         max_batch = min(ms.max_batch, ms.audio_max_batch) if kind == "audio" else ms.max_batch
         backend = select_backend(
             ms.backend,
@@ -313,17 +395,17 @@ class Engine:
         sampled = sandbox.sample(item.path, self.settings.sample, media_type=item.media_type)
         metrics.DECODE_SECONDS.labels(sampled.media_type).observe(time.perf_counter() - t0)
         signals: list[Signal] = []
-        notes: list[str] = []
+        notes: list[str] = list(sampled.notes)
         provenance: Provenance | None = None
         if ms.provenance:
             provenance, prov_signals, prov_notes = provenance_signals(item.path, item.mime)
             signals += prov_signals
             notes += prov_notes
-        face_frames: list[FrameResult] = []
+        faces = Faces()
         if self.by_kind("face") and sampled.frames:
-            face_frames, face_signals = self._score_faces(sampled)
-            signals += face_signals
-            if not face_frames:
+            faces = self._score_faces(sampled)
+            signals += faces.signals
+            if not faces.frames:
                 notes.append(NO_FACE_NOTE)
         image_frames: list[FrameResult] = []
         if (
@@ -335,21 +417,20 @@ class Engine:
             signals += image_signals
         if ms.forensics and sampled.media_type == "image" and sampled.frames:
             signals += forensic_signals(item.path, sampled.frames[0].image)
-        if sampled.audio is not None and self.by_kind("audio"):
-            if sampled.media_type == "audio" or ms.audio_on_video:
+        if sampled.audio is not None:
+            if sampled.media_type != "audio" and not ms.audio_on_video:
+                notes.append(SOUNDTRACK_NOTE)
+            elif self.by_kind("audio"):
                 signals += self._score_audio(sampled.audio, sampled.duration_s)
-            else:
-                notes.append(
-                    "soundtrack not scored: the audio models are only run on video "
-                    "soundtracks with SYNTHWATCH_MODELS__AUDIO_ON_VIDEO=true"
-                )
-        elif sampled.audio is not None:
-            notes.append("audio decoded, but no audio model is loaded")
+            elif not any(kind == "audio" for kind, _why in self.missing.values()):
+                notes.append(f"audio decoded, but {setting_name('audio')} lists no model")
+        notes += self._missing_notes(sampled)
         signals = fuse.calibrate(signals, self.calibration)
         fused = fuse.combine(signals, prior=self.calibration.prior)
-        if not fused.scored:
-            notes.append(NOTHING_SCORED_NOTE)
-        frames = merge_frames(face_frames, image_frames, signals, self.calibration)
+        decision = self.policy.decide(fused.score, minimum=fused.minimum)
+        if fused.score is None:
+            notes.append(INCONCLUSIVE_NOTE if decision == "inconclusive" else UNSCORED_NOTE)
+        frames = merge_frames(faces.frames, image_frames, signals, self.calibration)
         top = max(
             (s for s in signals if s.name in fused.decided_by),
             key=lambda s: s.score,
@@ -362,15 +443,14 @@ class Engine:
             submitted_at=item.submitted_at,
             sha256=item.sha256,
             media_type=sampled.media_type,
-            synthetic_score=round(fused.score, 6),
-            decision=self.policy.decide(fused.score, minimum=fused.minimum)
-            if fused.scored
-            else "pass",
+            synthetic_score=None if fused.score is None else round(fused.score, 6),
+            decision=decision,
             signals=signals,
             segments=list(top.segments) if top is not None else [],
             frames=frames,
             duration_s=round(sampled.duration_s, 3),
-            faces_found=sum(len(f.faces) for f in face_frames),
+            faces_found=faces.distinct,
+            face_detections=sum(len(f.faces) for f in faces.frames),
             has_audio=sampled.audio is not None,
             model_set=self.model_set,
             policy_version=self.policy.version,
@@ -382,8 +462,27 @@ class Engine:
         )
         return Analysis(verdict=verdict, sampled=sampled)
 
-    def _score_faces(self, sampled: Sampled) -> tuple[list[FrameResult], list[Signal]]:
-        """Per-frame face results and one signal per face model (frames with a face only)."""
+    def _missing_notes(self, sampled: Sampled) -> list[str]:
+        """One note per listed model that was left out (`allow_missing`) and would have
+        read this item."""
+        ms = self.settings.models
+        notes = []
+        for name, (kind, why) in self.missing.items():
+            applies = (
+                bool(sampled.frames)
+                if kind == "face"
+                else bool(sampled.frames) and (sampled.media_type == "image" or ms.image_on_video)
+                if kind == "image"
+                else sampled.audio is not None
+                and (sampled.media_type == "audio" or ms.audio_on_video)
+            )
+            if applies:
+                notes.append(f"{name} did not run: {why}")
+        return notes
+
+    def _score_faces(self, sampled: Sampled) -> Faces:
+        """Per-frame face results, one signal per face model (frames with a face only),
+        and the number of distinct faces."""
         assert self.faces is not None
         images = [f.image for f in sampled.frames]
         detections = self.faces.detect(images)
@@ -399,14 +498,15 @@ class Engine:
         ]
         crops = [c.image for fc in per_frame for c in fc]
         if not crops:
-            return [], []
+            return Faces()
+        face_ids = faces_op.track_faces([[c.box for c in fc] for fc in per_frame])
         models = self.by_kind("face")
         raw = {d.name: d.score(to_batch(resize_crops(crops, d.input_shape[-1]))) for d in models}
         frames: list[FrameResult] = []
         times: list[float] = []
         per_model_frame: dict[str, list[float]] = {d.name: [] for d in models}
         pos = 0
-        for frame, fcs in zip(sampled.frames, per_frame, strict=True):
+        for frame, fcs, ids in zip(sampled.frames, per_frame, face_ids, strict=True):
             if not fcs:
                 continue
             boxes = []
@@ -421,6 +521,7 @@ class Engine:
                         confidence=round(c.confidence, 4),
                         score=round(self._fused_crop(models, crop_scores), 6),
                         scores={k: round(v, 6) for k, v in crop_scores.items()},
+                        face=ids[i],
                     )
                 )
             for d in models:
@@ -442,7 +543,8 @@ class Engine:
                 times, per_model_frame[d.name], sampled.duration_s
             )
             signals.append(d.signal(score, "face", segments))
-        return frames, signals
+        distinct = len({i for ids in face_ids for i in ids})
+        return Faces(frames=frames, signals=signals, distinct=distinct)
 
     def _fused_crop(self, models: Sequence[Detector], crop_scores: dict[str, float]) -> float:
         total = sum(d.weight for d in models) or 1.0

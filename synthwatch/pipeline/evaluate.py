@@ -174,11 +174,13 @@ def signal_table(report_: dict[str, Any]) -> list[dict[str, Any]]:
 # --- rescoring ---------------------------------------------------------------------------
 
 
-def rescore(verdict: Verdict, calibration: Calibration, policy: Policy) -> tuple[float, Decision]:
-    """(synthetic score, decision) of a verdict's signals under another calibration."""
+def rescore(
+    verdict: Verdict, calibration: Calibration, policy: Policy
+) -> tuple[float | None, Decision]:
+    """(synthetic score, decision) of a verdict's signals under another calibration; the
+    score is None for an item no detector scored."""
     fused = fuse.combine(fuse.calibrate(verdict.signals, calibration), prior=calibration.prior)
-    decision = policy.decide(fused.score, minimum=fused.minimum) if fused.scored else "pass"
-    return fused.score, decision
+    return fused.score, policy.decide(fused.score, minimum=fused.minimum)
 
 
 def calibratable(signals: Iterable[Signal]) -> Iterable[Signal]:
@@ -273,16 +275,28 @@ def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def summary(labels: Sequence[int], scores: Sequence[float], policy: Policy) -> dict[str, Any]:
-    auc, eer = auc_eer(labels, scores)
+def summary(
+    labels: Sequence[int], scores: Sequence[float | None], policy: Policy
+) -> dict[str, Any]:
+    """AUC, EER and the thresholds' precision, recall and FPR over the items that have a
+    score; the items without one (`inconclusive`) are counted beside them, never as a
+    pass: a detector that cannot score an item has not shown it real."""
+    scored = [(y, v) for y, v in zip(labels, scores, strict=True) if v is not None]
+    ys = [y for y, _ in scored]
+    vs = [v for _, v in scored]
+    auc, eer = auc_eer(ys, vs)
+    inconclusive = [y for y, v in zip(labels, scores, strict=True) if v is None]
     return {
         "n": len(labels),
         "n_fake": int(sum(labels)),
         "n_real": len(labels) - int(sum(labels)),
+        "n_inconclusive": len(inconclusive),
+        "n_inconclusive_fake": int(sum(inconclusive)),
+        "inconclusive_rate": _ratio(len(inconclusive), len(labels)),
         "auc": None if auc is None else round(auc, 4),
         "eer": None if eer is None else round(eer, 4),
-        "at_review": at_threshold(labels, scores, policy.review_threshold),
-        "at_flag": at_threshold(labels, scores, policy.flag_threshold),
+        "at_review": at_threshold(ys, vs, policy.review_threshold),
+        "at_flag": at_threshold(ys, vs, policy.flag_threshold),
     }
 
 
@@ -291,7 +305,7 @@ def report(
     calibration: Calibration,
     policy: Policy,
     *,
-    scores_override: dict[str, float] | None = None,
+    scores_override: dict[str, tuple[float | None, Decision]] | None = None,
     seen: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The `{"overall", "by_type", "items"}` report (items that failed to scan are
@@ -304,14 +318,13 @@ def report(
             continue
         score, decision = rescore(s.verdict, calibration, policy)
         if scores_override is not None:
-            score = scores_override[s.item.rel]
-            decision = policy.decide(score)
+            score, decision = scores_override[s.item.rel]
         rows.append(
             {
                 "path": s.item.rel,
                 "label": _name(s.item.label),
                 "media_type": s.verdict.media_type,
-                "synthetic_score": round(score, 6),
+                "synthetic_score": None if score is None else round(score, 6),
                 "decision": decision,
                 "signals": {
                     sig.name: sig.raw_score if sig.raw_score is not None else sig.score
@@ -349,8 +362,9 @@ def cross_validate(
     folds: int = 5,
     seed: int = 0,
     method: Method = "platt",
-) -> dict[str, float]:
-    """Held-out score per item (by CSV path): calibration refitted without its fold.
+) -> dict[str, tuple[float | None, Decision]]:
+    """Held-out (score, decision) per item (by CSV path): calibration refitted without
+    its fold.
 
     Folds are stratified by label and assigned from a seeded permutation. A fold whose
     training part cannot fit a signal leaves that signal uncalibrated for the fold.
@@ -363,7 +377,7 @@ def cross_validate(
         order = rng.permutation(len(members))
         for rank, idx in enumerate(order):
             fold_of[members[idx].item.rel] = rank % folds
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float | None, Decision]] = {}
     for k in range(folds):
         train = [s for s in ok if fold_of[s.item.rel] != k]
         test = [s for s in ok if fold_of[s.item.rel] == k]
@@ -372,7 +386,7 @@ def cross_validate(
         fitted = fit_calibration(train, method=method)
         for s in test:
             assert s.verdict is not None
-            out[s.item.rel] = rescore(s.verdict, fitted, policy)[0]
+            out[s.item.rel] = rescore(s.verdict, fitted, policy)
     return out
 
 
@@ -384,7 +398,7 @@ def plot_roc(report_: dict[str, Any], dest: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    ok = [r for r in report_["items"] if "error" not in r]
+    ok = [r for r in report_["items"] if "error" not in r and r["synthetic_score"] is not None]
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     groups = [("overall", ok)] + [
         (mt, [r for r in ok if r["media_type"] == mt]) for mt in report_["by_type"]
@@ -417,10 +431,14 @@ def markdown(report_: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
+    def inconclusive(m: dict[str, Any]) -> str:
+        rate = m.get("inconclusive_rate")
+        return f"{m.get('n_inconclusive', 0)} ({rate:.0%})" if rate else "0"
+
     def table(part: dict[str, Any]) -> list[str]:
         lines = [
-            "| type | n | fake | AUC | EER | threshold | precision | recall | FPR |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| type | n | fake | inconclusive | AUC | EER | threshold | precision | recall | FPR |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, m in [*part["by_type"].items(), ("**overall**", part["overall"])]:
             for key in ("at_review", "at_flag"):
@@ -433,6 +451,7 @@ def markdown(report_: dict[str, Any]) -> str:
                             name if first else "",
                             str(m["n"]) if first else "",
                             str(m["n_fake"]) if first else "",
+                            inconclusive(m) if first else "",
                             fmt(m["auc"]) if first else "",
                             fmt(m["eer"]) if first else "",
                             fmt(t["threshold"]),

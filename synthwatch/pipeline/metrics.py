@@ -25,7 +25,7 @@ ITEMS = Counter(
 )
 VERDICTS = Counter(
     "synthwatch_verdicts_total",
-    "Verdicts made, by media type, decision (flag, review, pass) and model set "
+    "Verdicts made, by media type, decision (flag, review, pass, inconclusive) and model set "
     "(a canary's model set differs from the stable one's: their rates compare).",
     ["media_type", "decision", "model_set"],
 )

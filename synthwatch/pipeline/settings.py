@@ -8,11 +8,17 @@ No other module reads the environment.
 
 from __future__ import annotations
 
+import json
+import os
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from synthwatch.operators.errors import ConfigError
 
 
 def _default_model_dir() -> Path:
@@ -39,7 +45,7 @@ class FetchSettings(_Frozen):
 
 
 class SampleSettings(_Frozen):
-    frames: int = 16
+    frames: int = Field(default=16, ge=1)
     """Frames per video item, spread evenly over the duration."""
     seconds_per_frame: float | None = None
     """If set, one frame every k seconds (capped by max_frames) instead of `frames` per item."""
@@ -56,14 +62,19 @@ class SampleSettings(_Frozen):
     spaced frames that exact mode draws from the dev clips, and with 15 or 17 frames
     (frames it never saw) exact's raw video AUC fell from 0.865 to 0.73 and 0.69, as low
     as adaptive's 0.75 on the same 15 targets (docs/EVALUATION.md)."""
-    max_frames: int = 64
-    max_pixels: int = 8192 * 8192
-    max_streams: int = 16
-    max_duration_s: float = 4 * 3600.0
-    max_decode_s: float = 60.0
-    max_image_frames: int = 2000
+    max_frames: int = Field(default=64, ge=1)
+    max_pixels: int = Field(default=8192 * 8192, ge=1)
+    """Decoded pixels per frame. A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale (up
+    to 64x this); other formats over it are refused, as video frames are."""
+    max_streams: int = Field(default=16, ge=1)
+    max_duration_s: float = Field(default=4 * 3600.0, gt=0)
+    """Only this much of a longer video is indexed and sampled (the verdict says so)."""
+    max_decode_s: float = Field(default=60.0, gt=0)
+    max_image_frames: int = Field(default=2000, ge=1)
+    """Only this many frames of a longer animation are sampled (the verdict says so)."""
     audio: bool = True
-    max_audio_s: float = 600.0
+    max_audio_s: float = Field(default=600.0, gt=0)
+    """Only this much of a longer audio track is decoded (the verdict says so)."""
     isolate: bool = True
     """Decode in a child process (operators/sandbox.py) with the caps below and a hard
     deadline, so a decoder crash, hang or memory blow-up fails the item, not the worker.
@@ -81,50 +92,56 @@ class ModelSettings(_Frozen):
     """Models that score whole images from native-resolution patches."""
     audio_models: tuple[str, ...] = ("aasist",)
     """Models that score 4 s windows of the audio track."""
-    require_all: bool = False
-    """Refuse to start when a listed model's weights are missing. Otherwise such a model is
-    left out (logged at start-up); the model set id, in every verdict, says what ran."""
+    allow_missing: bool = False
+    """Start although listed models' weights are missing or altered (`scan` and `worker`
+    take `--allow-missing-models`): those models are left out, each verdict they would
+    have read says so in its notes, and an item nothing else can score is
+    `inconclusive`. Off: such a model stops `scan` and `worker` at start with one line
+    naming it, where it was looked for and how to fix it. Unknown names always stop."""
     weights: dict[str, float] = {}
     """Fusion weight per model name inside its modality (default 1.0)."""
     calibration: Path | None = None
     """Calibration file from `synthwatch calibrate`; unset: the one shipped with synthwatch."""
     face_detector: Literal["auto", "mtcnn", "lbp_cascade"] = "auto"
     """auto: MTCNN when its weights are installed, else the LBP cascade in scikit-image."""
-    image_on_video: bool = False
-    """Also run the whole-image models on video frames (video codecs erase most of the
-    up-sampling traces they look for, so off by default)."""
-    image_patches: int = 8
+    image_on_video: bool = True
+    """Run the whole-image models on video frames too, with or without faces, so a fully
+    generated video with no face is scored rather than left without a score."""
+    image_patches: int = Field(default=8, ge=1)
     """Native-resolution patches per frame for the whole-image models."""
     provenance: bool = True
     """Read C2PA content credentials and generator metadata."""
     forensics: bool = True
     """Compute forensic maps (error level, residual spectrum) for still images."""
     audio_on_video: bool = False
-    """Also run the audio models on video soundtracks. Off by default: AASIST models
-    spoofed speech, and on the dev set's real clips (music and room sound under the
-    speech) it scored 7 of 11 soundtracks above 0.99; on audio-only items it separated
-    real and cloned voices. Calibration fits audio models on audio-only items."""
-    audio_max_batch: int = 8
+    """Also run the audio models on video soundtracks. Off, and not recommended: AASIST
+    models spoofed studio speech, and on the dev set's real clips (music and room sound
+    under the speech) it scored 7 of 11 soundtracks above 0.99, so real clips flag
+    (docs/EVALUATION.md, "Audio on video"). On audio-only items it separates real and
+    cloned voices. Calibration fits audio models on audio-only items."""
+    audio_max_batch: int = Field(default=8, ge=1)
     """Batch cap for the audio models. AASIST's first encoder blocks hold about 140 MB
     of activations per 4 s window: measured with ONNX Runtime on CPU, a batch of 8
     windows peaked at 2.3 GB RSS and a batch of 32 at 6.5 GB."""
-    audio_windows: int = 32
+    audio_windows: int = Field(default=32, ge=1)
     """At most this many 4 s windows per item, spread over the track."""
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
     """`auto`: TensorRT on an NVIDIA GPU with the `tensorrt` package, torch on a GPU
     without it, ONNX Runtime on the CPU otherwise."""
-    max_batch: int = 32
-    max_delay_ms: float = 10.0
-    threads: int = 2
+    max_batch: int = Field(default=32, ge=1)
+    max_delay_ms: float = Field(default=10.0, ge=0)
+    threads: int = Field(default=2, ge=1)
     face_min_size: int = 40
     face_threshold: float = 0.9
 
 
 class PolicySettings(_Frozen):
     version: str = "policy.v1"
-    flag_threshold: float = 0.8
-    review_threshold: float = 0.5
-    alert_on: tuple[Literal["flag", "review"], ...] = ("flag", "review")
+    flag_threshold: float = Field(default=0.8, ge=0, le=1)
+    review_threshold: float = Field(default=0.5, ge=0, le=1)
+    alert_on: tuple[Literal["flag", "review", "inconclusive"], ...] = ("flag", "review")
+    """Decisions that get an evidence bundle and an alert. Add `inconclusive` to have a
+    person look at every item the detectors could not score."""
 
 
 class KafkaSettings(_Frozen):
@@ -193,7 +210,7 @@ class SinkSettings(_Frozen):
     url: str | None = None
     """Where alerts are POSTed; the sink role refuses to start without it."""
     format: Literal["native", "ocsf", "splunk_hec"] = "ocsf"
-    """native: the alert.v1 record; ocsf: an OCSF Detection Finding (class 2004);
+    """native: the alert.v2 record; ocsf: an OCSF Detection Finding (class 2004);
     splunk_hec: an HEC event envelope around the OCSF finding."""
     secret: SecretStr | None = None
     """HMAC-SHA256 key for the signature header; unsigned when unset."""
@@ -256,3 +273,79 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool | None = None
     """JSON logs; default: JSON when stderr is not a TTY."""
+
+
+ENV_PREFIX = "SYNTHWATCH_"
+
+
+def env_name(loc: tuple[str | int, ...]) -> str:
+    """The environment variable that sets the setting at `loc`, e.g.
+    ("models", "backend") -> SYNTHWATCH_MODELS__BACKEND."""
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment. Raises `ConfigError` with one line naming the
+    variable and what is wrong with it, never pydantic's multi-line report."""
+    try:
+        return Settings()
+    except SettingsError as exc:
+        raise ConfigError(
+            _explain_parse_error(exc, os.environ if environ is None else environ)
+        ) from None
+    except ValidationError as exc:
+        raise ConfigError(validation_line(exc, where=env_name)) from None
+
+
+def validation_line(
+    exc: ValidationError, *, where: typing.Callable[[tuple[str | int, ...]], str]
+) -> str:
+    """The first validation error as one line: where it was set, what is wrong, the value."""
+    first = exc.errors()[0]
+    loc = tuple(first["loc"])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
+    return f"{where(loc)}: {first['msg']}{shown}{more}"
+
+
+def _explain_parse_error(exc: SettingsError, environ: Mapping[str, str]) -> str:
+    """pydantic-settings parses list, tuple, dict and nested values as JSON and says
+    only which top-level field failed; find the variable whose value is not JSON."""
+    for key, value in sorted(environ.items()):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        annotation = _annotation(key[len(ENV_PREFIX) :].lower().split("__"))
+        if annotation is None or not _is_complex(annotation):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = '\'["a", "b"]\'' if _is_sequence(annotation) else "'{\"a\": 1}'"
+            return f"{key}={value!r} is not JSON: write it as JSON, e.g. {key}={example}"
+    return f"settings from the environment do not parse: {exc}"
+
+
+def _annotation(path: list[str]) -> Any:
+    model: Any = Settings
+    annotation: Any = None
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = annotation
+    return annotation
+
+
+def _is_sequence(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (list, tuple, set, frozenset)
+
+
+def _is_complex(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset, dict):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel | dict)

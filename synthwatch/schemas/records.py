@@ -15,7 +15,10 @@ import msgspec
 from synthwatch.operators.errors import SchemaInvalid
 
 MediaType = Literal["video", "image", "audio"]
-Decision = Literal["flag", "review", "pass"]
+Decision = Literal["flag", "review", "pass", "inconclusive"]
+"""`inconclusive`: no detector that applies to the item produced a score (no face and no
+whole-image model, a track no loaded model reads, a required model missing). Its
+`synthetic_score` is null: an unmeasured item must never read as a low score."""
 Modality = Literal["face", "image", "audio", "provenance", "metadata"]
 """What a signal looked at: face crops, whole images (native-resolution patches or
 forensic maps), 4 s audio windows, C2PA content credentials, generator metadata."""
@@ -70,6 +73,9 @@ class FaceBox(msgspec.Struct, frozen=True, kw_only=True):
     """The face models' fused synthetic score for this crop."""
     scores: dict[str, float] = {}
     """Each face model's raw score for this crop, by signal name."""
+    face: int | None = None
+    """Which distinct face this box is (boxes tracked across frames share the number);
+    None from a producer that predates tracking."""
 
 
 class FrameResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,20 +129,36 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     errors: list[str] = []
 
 
-class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
+class Verdict(_Record, tag="verdict.v2", frozen=True, kw_only=True):
+    """What the detect stage concluded about one item.
+
+    v2 (from v1): `synthetic_score` may be null and `decision` may be `inconclusive`,
+    for an item on which nothing was measured; `faces_found` counts distinct faces
+    (tracked across frames), no longer detections; `face_detections` is new. A v1
+    consumer validating `decision` against its three values or the score as a number
+    would reject such a record, so the change is a new tag, not a silent widening;
+    `decode` still reads `verdict.v1` records (a rolling upgrade's older producers).
+    """
+
     id: str
     url: str
     source: str = ""
     submitted_at: float = 0.0
     sha256: Sha256
     media_type: MediaType
-    synthetic_score: float
+    synthetic_score: float | None
+    """The fused score in [0, 1]; null when no detector produced one (`inconclusive`,
+    or a decision forced by a finding alone, such as a C2PA manifest that fails
+    validation on an item nothing else could score)."""
     decision: Decision
     signals: list[Signal]
     segments: list[Segment]
     frames: list[FrameResult]
     duration_s: float
     faces_found: int
+    """Distinct faces: detections linked across the sampled frames count once."""
+    face_detections: int = 0
+    """Face boxes over all sampled frames (a face seen in 16 frames counts 16 times)."""
     has_audio: bool
     model_set: str
     policy_version: str
@@ -150,7 +172,13 @@ class Verdict(_Record, tag="verdict.v1", frozen=True, kw_only=True):
     """Unix time the verdict was made (0.0 from a producer that predates the field)."""
 
 
-class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
+class Alert(_Record, tag="alert.v2", frozen=True, kw_only=True):
+    """An alerting decision, as it leaves for SOC tools and newsrooms.
+
+    v2 (from v1): `synthetic_score` may be null and `decision` may be `inconclusive`
+    (only where the policy's `alert_on` asks for inconclusive items); `decode` still
+    reads `alert.v1` lines."""
+
     alert_id: AlertId
     """hash(media sha256, model set, policy version): a redelivery yields the same id."""
     id: str
@@ -158,7 +186,8 @@ class Alert(_Record, tag="alert.v1", frozen=True, kw_only=True):
     source: str = ""
     sha256: Sha256
     media_type: MediaType
-    synthetic_score: float
+    synthetic_score: float | None
+    """Null when no detector produced a score (see `Verdict.synthetic_score`)."""
     decision: Decision
     model_set: str
     policy_version: str
@@ -196,6 +225,19 @@ class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):
 
 RECORDS: tuple[type[_Record], ...] = (MediaRef, FetchedMedia, Verdict, Alert, DeadLetter)
 
+
+class _VerdictV1(Verdict, tag="verdict.v1", frozen=True, kw_only=True):
+    """A v1 verdict: every v1 value is a valid v2 value, only the tag differs."""
+
+
+class _AlertV1(Alert, tag="alert.v1", frozen=True, kw_only=True):
+    """A v1 alert: every v1 value is a valid v2 value, only the tag differs."""
+
+
+_EARLIER: dict[type[_Record], type[_Record]] = {Verdict: _VerdictV1, Alert: _AlertV1}
+"""Older tags each current record still reads, so a consumer upgraded first keeps
+reading what not-yet-upgraded producers send during a rolling deploy."""
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -210,12 +252,19 @@ def decode(data: bytes | str | None, kind: type[T]) -> T:
     """Decode one record, or raise `SchemaInvalid` saying what is wrong."""
     if data is None:
         raise SchemaInvalid("null value")
+    earlier = _EARLIER.get(kind)
     try:
-        return msgspec.json.decode(data, type=kind)
+        if earlier is None:
+            return msgspec.json.decode(data, type=kind)
+        record = msgspec.json.decode(data, type=kind | earlier)
     except msgspec.ValidationError as exc:
         raise SchemaInvalid(f"{kind.__name__}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise SchemaInvalid(f"not JSON: {exc}") from None
+    if type(record) is not kind:  # read as an earlier version: carry it as the current one
+        record = kind(**msgspec.structs.asdict(record))
+    assert isinstance(record, kind)
+    return record
 
 
 def to_builtins(record: msgspec.Struct) -> dict[str, object]:

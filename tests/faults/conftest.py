@@ -197,6 +197,7 @@ class Run:
                 "SYNTHWATCH_FETCH__ALLOW_NETWORKS": '["127.0.0.0/8"]',
                 # Our own models only (bundled): the suite needs no ../shared.
                 "SYNTHWATCH_MODEL_DIR": str(self.media[1] / "no-third-party-models"),
+                "SYNTHWATCH_MODELS__AUDIO_MODELS": "[]",
                 "SYNTHWATCH_MODELS__IMAGE_ON_VIDEO": "true",
                 # Flag everything scored, so every item exercises evidence and alert.
                 "SYNTHWATCH_POLICY__FLAG_THRESHOLD": "0.0",

@@ -104,20 +104,104 @@ def test_a_bad_item_is_reported_and_the_others_still_scanned(
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_required_weights_are_one_clear_line(tmp_path: Path) -> None:
+def _one_line(output: str) -> str:
+    """The CLI's error output as one line; fails if it is more than one or a traceback."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+def test_missing_weights_stop_the_scan_with_one_line_naming_the_model_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    # The weights directory unset or mistyped: a cloned voice used to come out "0.000
+    # pass" with exit code 0, the missing audio model mentioned only in a log line.
+    image = make_image(tmp_path / "x.jpg")
+    models = tmp_path / "mistyped"
+    result = runner.invoke(app, ["scan", str(image)], env={"SYNTHWATCH_MODEL_DIR": str(models)})
+    assert result.exit_code == 2
+    line = _one_line(result.output)
+    assert "model_unavailable" in line and "aasist" in line
+    assert str(models / "aasist" / "AASIST.pth") in line  # where it was looked for
+    assert "SYNTHWATCH_MODELS__AUDIO_MODELS" in line and "SYNTHWATCH_MODEL_DIR" in line
+    assert "--allow-missing-models" in line
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_mistyped_model_name_is_refused_with_a_suggestion(tmp_path: Path, allow: bool) -> None:
+    image = make_image(tmp_path / "x.jpg")
     result = runner.invoke(
         app,
-        ["scan", str(tmp_path / "x.jpg")],
+        ["scan", str(image), *(["--allow-missing-models"] if allow else [])],
         env={
             "SYNTHWATCH_MODEL_DIR": str(tmp_path),
-            "SYNTHWATCH_MODELS__FACE_MODELS": '["sbi_face", "meso4_df"]',
-            "SYNTHWATCH_MODELS__REQUIRE_ALL": "true",
+            "SYNTHWATCH_MODELS__FACE_MODELS": '["sbi_fce"]',
+            "SYNTHWATCH_MODELS__AUDIO_MODELS": "[]",
         },
     )
     assert result.exit_code == 2
-    assert "model_unavailable" in result.output
-    assert str(tmp_path) in result.output.replace("\n", "")
-    assert "Traceback" not in result.output
+    line = _one_line(result.output)
+    assert "unknown model 'sbi_fce' in SYNTHWATCH_MODELS__FACE_MODELS" in line
+    assert "did you mean 'sbi_face'?" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--backend", "foo"], {}, "--backend"),
+        (["--frames", "0"], {}, "--frames"),
+        (["--workers", "0"], {}, "--workers"),
+        ([], {"SYNTHWATCH_MODELS__BACKEND": "foo"}, "SYNTHWATCH_MODELS__BACKEND"),
+        ([], {"SYNTHWATCH_SAMPLE__FRAMES": "-3"}, "SYNTHWATCH_SAMPLE__FRAMES"),
+        ([], {"SYNTHWATCH_MODELS__FACE_MODELS": "sbi_face"}, "SYNTHWATCH_MODELS__FACE_MODELS"),
+        ([], {"SYNTHWATCH_POLICY__ALERT_ON": '["flag", "sometimes"]'}, "ALERT_ON"),
+    ],
+)
+def test_bad_option_and_setting_values_are_one_line_naming_them(
+    tmp_path: Path, args: list[str], env: dict[str, str], named: str
+) -> None:
+    image = make_image(tmp_path / "x.jpg")
+    result = runner.invoke(
+        app, ["scan", str(image), *args], env={"SYNTHWATCH_MODEL_DIR": str(tmp_path), **env}
+    )
+    assert result.exit_code == 2
+    line = _one_line(result.output)
+    assert "(config)" in line and named in line
+    if "FACE_MODELS" in named:
+        assert "is not JSON" in line and '["a", "b"]' in line
+
+
+def test_an_unwritable_evidence_dir_is_refused_before_the_first_item(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "x.jpg")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "verdicts.jsonl"
+    result = runner.invoke(
+        app,
+        ["scan", str(image), "--evidence-dir", str(blocker / "ev"), "--json", str(out)],
+        # No weights here either: the evidence directory is checked before models load.
+        env={"SYNTHWATCH_MODEL_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 2
+    line = _one_line(result.output)
+    assert f"--evidence-dir {blocker / 'ev'}: cannot write there" in line
+    assert not out.exists()
+
+
+def test_bad_inputs_are_reported_before_any_model_is_loaded(tmp_path: Path) -> None:
+    # The model dir is empty, so loading the models would stop the scan: the answer for
+    # a missing path and a refused URL comes first, and from the inputs alone.
+    result = runner.invoke(
+        app,
+        ["scan", str(tmp_path / "nope.mp4"), "http://169.254.169.254/latest/", "--json", "-"],
+        env={"SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty")},
+    )
+    assert result.exit_code == 1
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert [r["error"] for r in lines] == ["invalid_ref", "refused_address"]
+    assert "no such file" in lines[0]["message"] and "metadata" in lines[1]["message"]
+    assert "model_unavailable" not in result.output
 
 
 @pytest.mark.shared
@@ -242,11 +326,13 @@ def test_scan_of_a_url_downloads_hashes_and_scores_it(
     assert rec["media_type"] == "image"
 
 
-def test_a_fresh_machine_without_third_party_weights_scans_with_our_own_models(
+def test_allow_missing_models_scans_with_our_own_and_what_none_can_score_is_inconclusive(
     tmp_path: Path,
 ) -> None:
-    """No ../shared, an empty model dir: faces (LBP cascade + sbi_face) and whole images
-    (fingerprint) still get verdicts; audio says plainly that no audio model ran."""
+    """No ../shared, an empty model dir, `--allow-missing-models`: faces (LBP cascade +
+    sbi_face) and whole images (fingerprint), stills and video frames alike, still get
+    verdicts; a voice, which only the missing AASIST reads, is inconclusive: no score,
+    never a pass, and the note names the model that did not run."""
     from PIL import Image
     from skimage import data
 
@@ -255,20 +341,40 @@ def test_a_fresh_machine_without_third_party_weights_scans_with_our_own_models(
     face = tmp_path / "astronaut.jpg"
     Image.fromarray(data.astronaut()).save(face, quality=92)
     photo = make_image(tmp_path / "photo.png", width=320, height=240, fmt="PNG")
+    tiff = tmp_path / "scan.tif"
+    Image.fromarray(data.coffee()).save(tiff, format="TIFF", compression="tiff_lzw")
+    avif = tmp_path / "photo.avif"
+    Image.fromarray(data.chelsea()).save(avif, format="AVIF")
+    clip = make_video(tmp_path / "no_face.mp4", seconds=2.0, width=320, height=240, audio=True)
     voice = make_audio(tmp_path / "voice.wav", seconds=2.0)
+    items = [face, photo, tiff, avif, clip, voice]
     env = {"SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty"), "HOME": str(tmp_path / "home")}
-    proc = _scan([str(face), str(photo), str(voice), "--json", "-"], env)
+    proc = _scan([*map(str, items), "--allow-missing-models", "--json", "-"], env)
     assert proc.returncode == 0, proc.stderr
     by_source = {r["source"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    astronaut, png, wav = by_source[str(face)], by_source[str(photo)], by_source[str(voice)]
-    assert astronaut["faces_found"] >= 1
+    astronaut, png, tif, avi, video, wav = (by_source[str(p)] for p in items)
+    assert astronaut["faces_found"] == 1 and astronaut["face_detections"] == 1
     assert {"sbi_face", "fingerprint"} <= {s["name"] for s in astronaut["signals"]}
     assert astronaut["frames"][0]["region"] == "faces"
+    for still in (png, tif, avi):
+        assert still["media_type"] == "image" and still["synthetic_score"] is not None
+        assert "fingerprint" in still["decided_by"]
     assert next(s["name"] for s in png["signals"] if s["modality"] == "image") == "fingerprint"
-    assert png["frames"][0]["region"] == "frame" and "fingerprint" in png["decided_by"]
-    assert wav["media_type"] == "audio" and wav["decision"] == "pass"
-    assert any("no audio model" in n for n in wav["notes"])
+    assert png["frames"][0]["region"] == "frame"
+    # A video with no face is scored by the whole-image model, frame by frame.
+    assert video["faces_found"] == 0 and video["synthetic_score"] is not None
+    assert video["decided_by"] == ["fingerprint"]
+    assert {f["region"] for f in video["frames"]} == {"frame"} and len(video["frames"]) > 1
+    # Its soundtrack is left alone, and the note no longer recommends what flags real
+    # clips (AASIST on soundtracks, docs/EVALUATION.md).
+    assert any("soundtrack not scored" in n for n in video["notes"])
+    assert not any("AUDIO_ON_VIDEO=true" in n for n in video["notes"])
+    assert wav["media_type"] == "audio" and wav["decision"] == "inconclusive"
+    assert wav["synthetic_score"] is None
+    assert any(n.startswith("aasist did not run: aasist: weights missing") for n in wav["notes"])
     assert any("not evidence of authenticity" in n for n in wav["notes"])
+    assert not any("aasist" in n for n in png["notes"])  # only where it would have run
+    assert "inconclusive" in proc.stderr  # the table shows the decision, no number
 
 
 @pytest.mark.shared
@@ -291,6 +397,7 @@ def test_c2pa_fixtures_are_classified_exactly(model_env: dict[str, str], shared_
     assert tampered["provenance"]["errors"]
     assert tampered["decision"] in ("review", "flag")
     assert [s["decides"] for s in tampered["signals"] if s["name"] == "c2pa"] == ["review"]
+    assert "c2pa" in tampered["decided_by"]  # it forced the decision: it is named
     # No manifest: no provenance signal; the models decide.
     assert plain["provenance"]["present"] is False
     assert "c2pa" not in {s["name"] for s in plain["signals"]}

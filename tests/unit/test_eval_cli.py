@@ -18,6 +18,8 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
         "HOME": str(tmp_path / "home"),
         "SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty"),
         "SYNTHWATCH_MODELS__FORENSICS": "true",
+        # No third-party weights here: the ensemble is configured without AASIST.
+        "SYNTHWATCH_MODELS__AUDIO_MODELS": "[]",
     }
     return subprocess.run(
         [sys.executable, "-m", "synthwatch", *args],

@@ -96,6 +96,27 @@ def test_report_by_type_and_items() -> None:
     assert rep["items"][0]["decision"] == "pass" and rep["items"][1]["decision"] == "flag"
 
 
+def test_inconclusive_items_are_counted_beside_the_auc_never_as_a_pass() -> None:
+    items = scored([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    unscored = verdict(0.0)
+    unscored = Verdict(
+        **{**{f: getattr(unscored, f) for f in unscored.__struct_fields__}, "signals": []}
+    )
+    # A fake nothing could score: as a pass (score 0) it would drag the AUC to 0.75.
+    items.append(ev.Scored(item=ev.Labelled(Path("/x/g"), "g.gif", 1), verdict=unscored))
+    rep = ev.report(items, cal.EMPTY, POLICY)
+    overall = rep["overall"]
+    assert overall["n"] == 5 and overall["n_inconclusive"] == 1
+    assert overall["n_inconclusive_fake"] == 1 and overall["inconclusive_rate"] == 0.2
+    assert overall["auc"] == 1.0
+    assert overall["at_review"]["fn"] == 0  # not counted as a missed (passed) fake either
+    row = next(r for r in rep["items"] if r["path"] == "g.gif")
+    assert row["synthetic_score"] is None and row["decision"] == "inconclusive"
+    held = ev.cross_validate(items, POLICY, folds=2)
+    assert held["g.gif"] == (None, "inconclusive")
+    assert "| 1 (20%) |" in ev.markdown(rep)
+
+
 def test_cross_validation_scores_every_item_with_a_calibration_fitted_without_it() -> None:
     rng = np.random.default_rng(1)
     labels = [0] * 20 + [1] * 20
@@ -103,12 +124,13 @@ def test_cross_validation_scores_every_item_with_a_calibration_fitted_without_it
         float(v) for v in np.concatenate([rng.uniform(0.6, 0.8, 20), rng.uniform(0.75, 0.95, 20)])
     ]
     items = scored(scores, labels)
-    held = ev.cross_validate(items, POLICY, folds=4)
+    held = {rel: score for rel, (score, _) in ev.cross_validate(items, POLICY, folds=4).items()}
     assert set(held) == {i.item.rel for i in items}
     full = ev.fit_calibration(items)
     in_sample = {i.item.rel: ev.rescore(i.verdict, full, POLICY)[0] for i in items if i.verdict}
     assert held != in_sample  # each fold's calibrator differs from the one fitted on all
-    assert ev.auc_eer(labels, [held[i.item.rel] for i in items])[0] > 0.8
+    auc = ev.auc_eer(labels, [float(held[i.item.rel] or 0.0) for i in items])[0]
+    assert auc is not None and auc > 0.8
 
 
 def test_audio_models_are_calibrated_on_audio_items_only() -> None:

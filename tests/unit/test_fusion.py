@@ -115,11 +115,32 @@ def test_valid_ai_manifest_decides_and_invalid_manifest_is_a_finding() -> None:
     )
     fused = fuse.combine([broken, sig("face_a", 0.01)])
     assert POLICY.decide(fused.score, minimum=fused.minimum) == "review"
+    # The signal that forced the decision is named beside the one that set the score.
+    assert fused.decided_by == ["face_a", "c2pa"]
 
 
-def test_nothing_scored_is_not_a_pass_with_evidence() -> None:
+def test_nothing_scored_is_inconclusive_with_no_score() -> None:
     fused = fuse.combine([])
-    assert not fused.scored and fused.score == 0.0
+    assert not fused.scored and fused.score is None and fused.decided_by == []
+    assert POLICY.decide(fused.score, minimum=fused.minimum) == "inconclusive"
+    # Reported-only signals (an uncalibrated forensic feature, a valid C2PA manifest that
+    # declares nothing) are no measurement either.
+    reported = [
+        Signal(name="spectral_grid", model="g", score=0.9, weight=1.0, modality="image"),
+        Signal(name="c2pa", model="c", score=0.0, weight=0.0, modality="provenance"),
+    ]
+    fused = fuse.combine(reported)
+    assert fused.score is None
+    assert POLICY.decide(fused.score, minimum=fused.minimum) == "inconclusive"
+
+
+def test_a_failed_c2pa_validation_alone_forces_review_without_inventing_a_score() -> None:
+    broken = Signal(
+        name="c2pa", model="c", score=0.0, weight=0.0, modality="provenance", decides="review"
+    )
+    fused = fuse.combine([broken])
+    assert fused.score is None and fused.decided_by == ["c2pa"]
+    assert POLICY.decide(fused.score, minimum=fused.minimum) == "review"
 
 
 def test_audio_windows_aggregate_with_segments() -> None:

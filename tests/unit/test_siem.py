@@ -120,10 +120,11 @@ def validate_finding(finding: dict[str, Any]) -> DetectionFinding:
 # --- OCSF ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decision", ["flag", "review", "pass"])
+@pytest.mark.parametrize("decision", ["flag", "review", "pass", "inconclusive"])
 @pytest.mark.parametrize("media_type", ["video", "image", "audio"])
 def test_ocsf_finding_validates_as_a_detection_finding(decision: Decision, media_type: str) -> None:
-    alert = _alert(decision=decision, media_type=media_type)
+    score = None if decision == "inconclusive" else 0.9
+    alert = _alert(decision=decision, media_type=media_type, synthetic_score=score)
     finding = json.loads(siem.format_alert(alert, "ocsf"))
     model = validate_finding(finding)
     assert (finding["class_uid"], finding["category_uid"]) == (2004, 2)
@@ -207,6 +208,7 @@ def test_enum_ids_are_the_ocsf_ones() -> None:
         (siem.SEVERITY["flag"], (SeverityID.High, "High")),
         (siem.SEVERITY["review"], (SeverityID.Medium, "Medium")),
         (siem.SEVERITY["pass"], (SeverityID.Informational, "Informational")),
+        (siem.SEVERITY["inconclusive"], (SeverityID.Unknown, "Unknown")),
         (siem.CONFIDENCE_UNKNOWN, (ConfidenceID.Unknown, "Unknown")),
         (siem.SHA256_ALGORITHM_ID, AlgorithmID.SHA_256),
         (siem.OBSERVABLE_HASH[0], ObservableTypeID.Hash),
@@ -259,6 +261,24 @@ def test_a_score_that_is_not_a_number_has_unknown_confidence() -> None:
     assert (finding["confidence_id"], finding["confidence"]) == (0, "Unknown")
     assert "confidence_score" not in finding
     json.loads(siem.format_alert(_alert(synthetic_score=float("nan")), "ocsf"))  # valid JSON
+
+
+def test_an_inconclusive_alert_says_nothing_was_measured() -> None:
+    # Alerts on inconclusive items exist only where alert_on asks for them; a SOC then
+    # sees severity Unknown and no confidence, never a low score read as "real".
+    alert = _alert(decision="inconclusive", synthetic_score=None, decided_by=[])
+    finding = siem.ocsf_finding(alert)
+    validate_finding(finding)
+    assert (finding["severity_id"], finding["severity"]) == (0, "Unknown")
+    assert (finding["confidence_id"], finding["confidence"]) == (0, "Unknown")
+    assert "confidence_score" not in finding
+    assert finding["unmapped"]["synthetic_score"] is None
+    assert finding["unmapped"]["record_type"] == "alert.v2"
+    assert "inconclusive" in finding["finding_info"]["title"]
+    assert "could score" in finding["finding_info"]["desc"]
+    assert "synthetic score unknown" in finding["message"]
+    hec = json.loads(siem.format_alert(alert, "splunk_hec"))
+    assert hec["event"] == finding
 
 
 @pytest.mark.parametrize("fmt", siem.FORMATS)
@@ -359,7 +379,7 @@ def test_native_is_the_alert_record_itself() -> None:
     alert = _alert()
     body = siem.format_alert(alert, "native")
     assert body == encode(alert)
-    assert json.loads(body)["type"] == "alert.v1"
+    assert json.loads(body)["type"] == "alert.v2"
     assert decode(body, Alert) == alert
 
 

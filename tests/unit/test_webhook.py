@@ -265,7 +265,7 @@ def test_splunk_hec_gets_its_token_and_envelope(hook: Hook) -> None:
 def test_native_format_posts_the_alert_record(hook: Hook) -> None:
     with _sink(hook.url(), Recorder(), format="native") as sink:
         sink.deliver(_alert())
-    assert json.loads(hook.seen[0].body)["type"] == "alert.v1"
+    assert json.loads(hook.seen[0].body)["type"] == "alert.v2"
 
 
 # --- retries ---------------------------------------------------------------------------
