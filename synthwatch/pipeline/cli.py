@@ -649,15 +649,23 @@ def models_import(files: Annotated[list[Path], typer.Argument(help="Weight files
 
 
 def _scan_labelled(
-    settings: Settings, label_files: list[Path], workers: int
+    settings: Settings, label_files: list[Path], workers: int, geometry: int | None = None
 ) -> tuple[list[Any], list[str]]:
-    """Scan every item of the label files; (scored items, `name (sha256)` of each file)."""
+    """Scan every item of the label files; (scored items, `name (sha256)` of each file).
+    With `geometry`, stills are scanned as `ev.normalise_geometry` copies."""
     from synthwatch.pipeline import evaluate as ev
     from synthwatch.pipeline import logging as sw_logging
 
     sw_logging.configure("WARNING", settings.log_json)
     labelled = [item for f in label_files for item in ev.read_labels(f)]
-    results = scan_all(settings, [str(i.path) for i in labelled], workers=workers)
+    with tempfile.TemporaryDirectory(prefix="synthwatch-geometry-") as tmp:
+        sources = [
+            str(ev.normalise_geometry(i.path, Path(tmp) / f"{n}.png", geometry))
+            if geometry is not None
+            else str(i.path)
+            for n, i in enumerate(labelled)
+        ]
+        results = scan_all(settings, sources, workers=workers)
     scored = [
         ev.Scored(item=i, verdict=r.verdict, error=r.error or "")
         for i, r in zip(labelled, results, strict=True)
@@ -731,6 +739,14 @@ def eval_cmd(
     folds: Annotated[
         int, typer.Option(help="Cross-validation folds for refitted calibration (0: skip).")
     ] = 5,
+    geometry: Annotated[
+        int | None,
+        typer.Option(
+            min=32,
+            help="Scan every still as a centre square crop resized to this side (PNG), so "
+            "no detector can tell classes apart by size or aspect (ml72: 256).",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
     allow_missing_models: Annotated[
         bool,
@@ -746,7 +762,7 @@ def eval_cmd(
     from synthwatch.pipeline.engine import build_policy, load_calibration
 
     settings = load_settings(models__allow_missing=True if allow_missing_models else None)
-    scored, fitted_on = _scan_labelled(settings, labels, workers)
+    scored, fitted_on = _scan_labelled(settings, labels, workers, geometry)
     calibration, _ = load_calibration(settings.models)
     policy = build_policy(settings)
     # Items our own models were trained on score better than unseen ones: mark them.
@@ -754,17 +770,23 @@ def eval_cmd(
     splits = ev.training_splits(ModelStore(settings.model_dir), used)
     report = ev.report(scored, calibration, policy, seen=ev.seen_in_training(scored, splits))
     report["labels"] = fitted_on
+    report["geometry"] = geometry
     report["calibration_fitted_on"] = calibration.fitted_on
     report["signals"] = ev.signal_table(report)
     _print_eval(report, "as configured")
     _print_signals(report["signals"])
     if folds > 1:
-        held_out = ev.cross_validate(scored, policy, folds=folds)
-        cv = ev.report(scored, calibration, policy, scores_override=held_out)
+        # A model trained here with cross-validation scores the items it was trained on
+        # with the fold model that never saw them; the shipped model would be scoring
+        # its own training data.
+        unseen = ev.with_out_of_fold(scored, ev.out_of_fold(ModelStore(settings.model_dir), used))
+        held_out = ev.cross_validate(unseen, policy, folds=folds)
+        cv = ev.report(unseen, calibration, policy, scores_override=held_out)
         report["cross_validated"] = {
             "folds": folds,
             "overall": cv["overall"],
             "by_type": cv["by_type"],
+            "by_group": cv["by_group"],
             "items": [
                 {
                     "path": r["path"],
@@ -776,6 +798,7 @@ def eval_cmd(
             ],
         }
         _print_eval(cv, f"calibration refitted per fold ({folds}-fold cross-validation)")
+        _print_groups(cv["by_group"])
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -789,6 +812,32 @@ def eval_cmd(
         err.print(f"ROC curves written to {plot}", highlight=False)
     if report["errors"]:
         raise typer.Exit(1)
+
+
+def _print_groups(groups: dict[str, Any]) -> None:
+    table = Table(
+        title="by source or generator family, cross-validated (fakes ranked against all "
+        "reals; FPR of each group's reals)",
+        title_justify="left",
+    )
+    for col in ("group", "n", "fake", "inconclusive", "AUC", "recall@review", "FPR@review"):
+        table.add_column(col, justify="right")
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    for name, m in groups.items():
+        t = m["at_review"]
+        table.add_row(
+            name,
+            str(m["n"]),
+            str(m["n_fake"]),
+            str(m["n_inconclusive"]),
+            fmt(m["auc"]) if m["n_fake"] else "-",
+            fmt(t["recall"]) if m["n_fake"] else "-",
+            fmt(t["fpr"]) if m["n_real"] else "-",
+        )
+    out.print(table)
 
 
 def _print_signals(rows: list[dict[str, Any]]) -> None:
@@ -853,46 +902,73 @@ def _print_eval(report: dict[str, Any], title: str) -> None:
 @app.command()
 @user_errors
 def train(
-    model: Annotated[str, typer.Argument(help="sbi (face model) | fingerprint (whole-image)")],
-    real: Annotated[
-        list[Path], typer.Option("--real", help="Directory of real images/videos (repeatable).")
+    model: Annotated[
+        str,
+        typer.Argument(help="sbi (face model) | fingerprint (whole-image) | scene (stills)"),
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for <name>.pt and .json.")],
+    real: Annotated[
+        list[Path] | None,
+        typer.Option("--real", help="sbi, fingerprint: real images/videos (repeatable)."),
+    ] = None,
+    labels: Annotated[
+        list[Path] | None,
+        typer.Option("--labels", help="scene: CSV path,label[,group] (repeatable)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed reproduces the weights.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Override the recipe's step count.")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="scene: cross-validation folds.")] = 5,
     device: Annotated[
         str | None, typer.Option(help="cpu | cuda (default: cuda when present).")
     ] = None,
 ) -> None:
-    """Train one of synthwatch's own detectors from real media alone.
+    """Train one of synthwatch's own detectors.
 
     sbi: self-blended images from real face crops (faces found with MTCNN when its
     weights are installed, else the LBP cascade). fingerprint: real photos against
-    copies carrying simulated up-sampling traces. The sample photographs shipped inside
-    scikit-image and scikit-learn are always included.
+    copies carrying simulated up-sampling traces; the sample photographs shipped inside
+    scikit-image and scikit-learn are always included. scene: a logistic probe on frozen
+    ImageNet MobileNetV2 features of labelled stills at one geometry, cross-validated
+    (its report holds every item's out-of-fold score).
     """
-    from synthwatch.models.registry import ModelStore
+    from synthwatch.models.registry import MOBILENET_V2, ModelStore
     from synthwatch.pipeline import logging as sw_logging
     from synthwatch.pipeline.engine import load_face_detector
     from synthwatch.train import train_fingerprint, train_sbi
 
-    if model not in ("sbi", "fingerprint"):
-        raise typer.BadParameter("MODEL must be sbi or fingerprint")
+    if model not in ("sbi", "fingerprint", "scene"):
+        raise ConfigError(f"MODEL must be sbi, fingerprint or scene (got {model!r})")
+    if model == "scene" and not labels:
+        raise ConfigError("scene needs --labels")
+    if model != "scene" and not real:
+        raise ConfigError(f"{model} needs --real")
     settings = load_settings()
     sw_logging.configure(settings.log_level, settings.log_json)
-    if model == "sbi":
-        detector, detector_name = load_face_detector(
-            ModelStore(settings.model_dir), settings.models
-        )
+    store = ModelStore(settings.model_dir)
+    if model == "scene":
+        from synthwatch.train.scene import train_scene
+
+        backbone = store.file_path(MOBILENET_V2)
+        if not backbone.is_file():
+            raise ConfigError(
+                f"scene: the ImageNet backbone is not at {backbone}; "
+                "run `python -m synthwatch.models.fetch`"
+            )
+        report = train_scene(labels or [], out_dir, backbone=backbone, seed=seed, folds=folds)
+        what = "cross-validated AUC"
+    elif model == "sbi":
+        detector, detector_name = load_face_detector(store, settings.models)
         err.print(f"faces found with {detector_name}", highlight=False)
         report = train_sbi(
-            real, out_dir, face_detector=detector, seed=seed, steps=steps, device=device
+            real or [], out_dir, face_detector=detector, seed=seed, steps=steps, device=device
         )
+        what = "validation AUC"
     else:
-        report = train_fingerprint(real, out_dir, seed=seed, steps=steps, device=device)
+        report = train_fingerprint(real or [], out_dir, seed=seed, steps=steps, device=device)
+        what = "validation AUC"
     out.print(
         f"{report.name}: {report.weights} sha256 {report.weights_sha256} "
-        f"validation AUC {report.val_auc:.4f} in {report.wall_time_s:.0f} s on {report.device}",
+        f"{what} {report.val_auc:.4f} in {report.wall_time_s:.0f} s on {report.device}",
         highlight=False,
     )
 

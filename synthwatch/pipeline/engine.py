@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -22,6 +23,7 @@ import structlog
 import torch
 from PIL import Image
 
+from synthwatch.models.mobilenet import scene_view
 from synthwatch.models.registry import DEFAULT_CALIBRATION, ModelKind, ModelStore
 from synthwatch.operators import audio as audio_op
 from synthwatch.operators import calibrate as calibrate_op
@@ -134,6 +136,10 @@ class Detector:
     weight: float
     batcher: Batcher
     backend: InferenceBackend
+    view: Literal["patches", "scene"] = "patches"
+    """How an image model sees a frame (`ModelSpec.view`)."""
+    min_side: int = 0
+    """The shortest side an input needs for this model to score it (0: any)."""
 
     def score(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return self.batcher.run(batch)
@@ -353,6 +359,8 @@ class Engine:
                 version=version,
                 input_shape=spec.input_shape,
                 weight=ms.weights.get(name, 1.0),
+                view=spec.view,
+                min_side=spec.min_side,
                 backend=backend,
                 batcher=Batcher(
                     backend.run,
@@ -413,8 +421,9 @@ class Engine:
             and sampled.frames
             and (sampled.media_type == "image" or ms.image_on_video)
         ):
-            image_frames, image_signals = self._score_images(sampled)
+            image_frames, image_signals, image_notes = self._score_images(sampled)
             signals += image_signals
+            notes += image_notes
         if ms.forensics and sampled.media_type == "image" and sampled.frames:
             signals += forensic_signals(item.path, sampled.frames[0].image)
         if sampled.audio is not None:
@@ -555,20 +564,34 @@ class Engine:
             acc += d.weight * (cal.apply(v) if cal is not None else v)
         return acc / total
 
-    def _score_images(self, sampled: Sampled) -> tuple[list[FrameResult], list[Signal]]:
-        """Whole-image models over native-resolution patches of every sampled frame."""
+    def _score_images(self, sampled: Sampled) -> tuple[list[FrameResult], list[Signal], list[str]]:
+        """Whole-image models: patch models over native-resolution patches of every
+        sampled frame; scene models over a still's centre square at one geometry, where
+        the still is as large as they were trained on (else they abstain, with a note)."""
         count = self.settings.models.image_patches
         frames: list[FrameResult] = []
         signals: list[Signal] = []
+        notes: list[str] = []
         for d in self.by_kind("image"):
-            size = d.input_shape[-1]
-            cut = [patches(f.image, size, count) for f in sampled.frames]
-            flat = [p for ps in cut for p in ps]
-            scores = d.score(to_batch(flat))
-            per_frame, pos = [], 0
-            for ps in cut:
-                per_frame.append(float(scores[pos : pos + len(ps)].mean()))
-                pos += len(ps)
+            if d.view == "scene":
+                if sampled.media_type != "image":
+                    continue  # video frames are outside what a scene model was trained on
+                if min(sampled.width, sampled.height) < d.min_side:
+                    notes.append(
+                        f"{d.name} did not score: the image is {sampled.width}x"
+                        f"{sampled.height}, under the {d.min_side} px it was trained on"
+                    )
+                    continue
+                views = [scene_view(f.image, d.input_shape[-1]) for f in sampled.frames]
+                per_frame = [float(v) for v in d.score(to_batch(views))]
+            else:
+                size = d.input_shape[-1]
+                cut = [patches(f.image, size, count) for f in sampled.frames]
+                scores = d.score(to_batch([p for ps in cut for p in ps]))
+                per_frame, pos = [], 0
+                for ps in cut:
+                    per_frame.append(float(scores[pos : pos + len(ps)].mean()))
+                    pos += len(ps)
             times = [f.time_s for f in sampled.frames]
             score, segments = fuse.aggregate_scores(times, per_frame, sampled.duration_s)
             signals.append(d.signal(score, "image", segments))
@@ -579,7 +602,7 @@ class Engine:
                     )
                     for f, v in zip(sampled.frames, per_frame, strict=True)
                 ]
-        return frames, signals
+        return frames, signals, notes
 
     def _score_audio(self, audio: npt.NDArray[np.float32], duration_s: float) -> list[Signal]:
         signals = []

@@ -50,6 +50,21 @@ class Labelled:
     """The path as written in the CSV."""
     label: int
     """1 = fake, 0 = real."""
+    group: str = ""
+    """The item's source or generator family (the CSV's `group` column, else
+    `group_of(rel)`), for the per-source table."""
+
+
+def group_of(rel: str) -> str:
+    """A source or generator family from a path, for sets that name files after where
+    they came from: the folder, then the file name up to its first `_` (else without
+    its trailing digits). `ai/diffusion3_7.jpg` -> `ai/diffusion3`, `fake/df00204.jpg`
+    -> `fake/df`, `real/liveportrait_d11.mp4` -> `real/liveportrait`."""
+    path = Path(rel)
+    stem = path.stem
+    head = stem.split("_")[0] if "_" in stem else stem.rstrip("0123456789") or stem
+    parent = path.parent.as_posix()
+    return head if parent in ("", ".") else f"{parent}/{head}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,8 @@ class Scored:
 
 def read_labels(csv_path: Path) -> list[Labelled]:
     """The labelled items. Raises InvalidInput listing every problem (columns, labels,
-    missing files) at once, so one run fixes the whole file."""
+    missing files) at once, so one run fixes the whole file. An optional `group`
+    column names each item's source or generator family."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -85,12 +101,41 @@ def read_labels(csv_path: Path) -> list[Labelled]:
         if not path.is_file():
             problems.append(f"line {line}: {rel}: no such file")
             continue
-        items.append(Labelled(path=path, rel=rel, label=LABELS[label]))
+        group = (row.get("group") or "").strip() or group_of(rel)
+        items.append(Labelled(path=path, rel=rel, label=LABELS[label], group=group))
     if problems:
         raise InvalidInput(f"{csv_path}: " + "; ".join(problems))
     if not items:
         raise InvalidInput(f"{csv_path}: no items")
     return items
+
+
+def normalise_geometry(src: Path, dest: Path, size: int) -> Path:
+    """`dest`: `src` as a centre square crop resized to `size` x `size` (Lanczos, which
+    antialiases when shrinking) and saved losslessly as PNG, when `src` is a still;
+    `src` itself otherwise (video, audio, animations, what Pillow cannot open).
+
+    For labelled sets whose classes differ in size: ml72's AI images are all 559x559
+    and its camera photos larger (../shared/DATA.md), so a detector can separate them
+    by size, aspect or sampling traces alone. A side well below the smallest image's
+    (256 for ml72: every image shrinks 2.2x or more) leaves every item the same shape
+    and every pixel a weighted mean of many. Metadata does not survive (PNG re-save),
+    so provenance signals are not measured on such a run."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(src) as image:
+            if getattr(image, "n_frames", 1) > 1:
+                return src
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        return src
+    width, height = rgb.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = rgb.crop((left, top, left + side, top + side))
+    square.resize((size, size), Image.Resampling.LANCZOS).save(dest, format="PNG")
+    return dest
 
 
 def file_id(path: Path) -> str:
@@ -100,33 +145,77 @@ def file_id(path: Path) -> str:
 # --- training overlap --------------------------------------------------------------------
 
 
-def training_splits(store: Any, models: Iterable[str]) -> dict[str, dict[str, str]]:
-    """model name -> {sha256 of a file its training run read: "train" | "val" | ...}.
+def training_sources(store: Any, models: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """model name -> the sources its training report lists (each with `sha256`, `split`
+    and, for `synthwatch train scene`, the item's out-of-fold score `oof_score`).
 
-    Read from the report `synthwatch train` writes beside the weights (`<name>.json`),
-    and only when that report names the very weights in use. Models without such a
-    report (third-party weights) are left out: what they were trained on is unknown
-    here."""
-    out: dict[str, dict[str, str]] = {}
+    Read from the report `synthwatch train` writes beside the model's own weights file
+    (`<name>.json`), and only when that report names the very weights in use. Models
+    without such a report (third-party weights) are left out: what they were trained on
+    is unknown here."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for name in sorted(set(models)):
         try:
             spec = store.spec(name)
-            weights = store.resolve(name)[0]
+            paths = store.resolve(name)
         except ModelUnavailable:
             continue
-        report = weights.with_suffix(".json")
+        own = [(f, p) for f, p in zip(spec.files, paths, strict=True) if f.bundled and not f.wheel]
+        if not own:
+            continue
+        f, weights = own[-1]
         try:
-            data = json.loads(report.read_text())
+            data = json.loads(weights.with_suffix(".json").read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(data, dict) or data.get("weights_sha256") != spec.files[0].sha256:
+        if not isinstance(data, dict) or data.get("weights_sha256") != f.sha256:
             continue
         sources = data.get("data", {}).get("sources", [])
-        out[name] = {
-            str(src["sha256"]): str(src.get("split", "train"))
-            for src in sources
-            if isinstance(src, dict) and "sha256" in src
-        }
+        out[name] = [s for s in sources if isinstance(s, dict) and "sha256" in s]
+    return out
+
+
+def training_splits(store: Any, models: Iterable[str]) -> dict[str, dict[str, str]]:
+    """model name -> {sha256 of a file its training run read: "train" | "val" | ...}."""
+    return {
+        name: {str(s["sha256"]): str(s.get("split", "train")) for s in sources}
+        for name, sources in training_sources(store, models).items()
+    }
+
+
+def out_of_fold(store: Any, models: Iterable[str]) -> dict[str, dict[str, float]]:
+    """model name -> {sha256: the score a fold's model that never saw the file gave it},
+    for models trained with cross-validation (`synthwatch train scene`)."""
+    return {
+        name: {str(s["sha256"]): float(s["oof_score"]) for s in sources if "oof_score" in s}
+        for name, sources in training_sources(store, models).items()
+        if any("oof_score" in s for s in sources)
+    }
+
+
+def with_out_of_fold(scored: Sequence[Scored], oof: dict[str, dict[str, float]]) -> list[Scored]:
+    """The items with each signal of a model in `oof` replaced by its out-of-fold score
+    where the model was trained on the item: what cross-validation must score, since
+    the shipped model saw the item. Matched on the file's sha256."""
+    if not oof:
+        return list(scored)
+    from msgspec.structs import replace
+
+    from synthwatch.train.data import file_sha256  # the hash the training reports hold
+
+    out = []
+    for s in scored:
+        if s.verdict is None or not s.item.path.is_file():
+            out.append(s)
+            continue
+        digest = file_sha256(s.item.path)
+        signals = [
+            replace(sig, score=oof[sig.name][digest], raw_score=oof[sig.name][digest])
+            if digest in oof.get(sig.name, {})
+            else sig
+            for sig in s.verdict.signals
+        ]
+        out.append(Scored(s.item, replace(s.verdict, signals=signals), s.error))
     return out
 
 
@@ -323,6 +412,7 @@ def report(
             {
                 "path": s.item.rel,
                 "label": _name(s.item.label),
+                "group": s.item.group or group_of(s.item.rel),
                 "media_type": s.verdict.media_type,
                 "synthetic_score": None if score is None else round(score, 6),
                 "decision": decision,
@@ -346,9 +436,35 @@ def report(
             [LABELS[r["label"]] for r in ok], [r["synthetic_score"] for r in ok], policy
         ),
         "by_type": by_type,
+        "by_group": by_group(ok, policy),
         "errors": len(rows) - len(ok),
         "items": rows,
     }
+
+
+def by_group(rows: Sequence[dict[str, Any]], policy: Policy) -> dict[str, Any]:
+    """Per source or generator family: a group of fakes is ranked against every real
+    item (its AUC says how well that generator is told from real media), a group of
+    reals reports its false-positive rates, a mixed group its own AUC."""
+    reals = [r for r in rows if r["label"] == "real"]
+    out: dict[str, Any] = {}
+    for group in sorted({r["group"] for r in rows}):
+        members = [r for r in rows if r["group"] == group]
+        fakes = [r for r in members if r["label"] == "fake"]
+        pool = members if len(fakes) < len(members) else [*fakes, *reals]
+        m = summary(
+            [LABELS[r["label"]] for r in pool], [r["synthetic_score"] for r in pool], policy
+        )
+        m["n"], m["n_fake"] = len(members), len(fakes)
+        m["n_real"] = len(members) - len(fakes)
+        m["against"] = (
+            "own reals" if 0 < len(fakes) < len(members) else ("all reals" if fakes else "-")
+        )
+        inconclusive = [r for r in members if r["synthetic_score"] is None]
+        m["n_inconclusive"] = len(inconclusive)
+        m["inconclusive_rate"] = _ratio(len(inconclusive), len(members))
+        out[group] = m
+    return out
 
 
 def _name(label: int) -> str:
@@ -435,6 +551,21 @@ def markdown(report_: dict[str, Any]) -> str:
         rate = m.get("inconclusive_rate")
         return f"{m.get('n_inconclusive', 0)} ({rate:.0%})" if rate else "0"
 
+    def groups(part: dict[str, Any]) -> list[str]:
+        lines = [
+            "| group | n | fake | inconclusive | AUC | recall at review | FPR at review |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, m in part.items():
+            t = m["at_review"]
+            recall = fmt(t["recall"]) if m["n_fake"] else "-"
+            fpr = fmt(t["fpr"]) if m["n_real"] else "-"
+            lines.append(
+                f"| `{name}` | {m['n']} | {m['n_fake']} | {inconclusive(m)} | "
+                f"{fmt(m['auc']) if m['n_fake'] else '-'} | {recall} | {fpr} |"
+            )
+        return lines
+
     def table(part: dict[str, Any]) -> list[str]:
         lines = [
             "| type | n | fake | inconclusive | AUC | EER | threshold | precision | recall | FPR |",
@@ -488,4 +619,12 @@ def markdown(report_: dict[str, Any]) -> str:
             *table(cv),
             "",
         ]
+        if cv.get("by_group"):
+            out += [
+                "By source or generator family, cross-validated (a group of fakes is "
+                "ranked against every real item; FPR is that of a group's reals):",
+                "",
+                *groups(cv["by_group"]),
+                "",
+            ]
     return "\n".join(out)

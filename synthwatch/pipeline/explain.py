@@ -16,6 +16,7 @@ import numpy.typing as npt
 import structlog
 from torch import nn
 
+from synthwatch.models.mobilenet import scene_view
 from synthwatch.models.mtcnn import Detection
 from synthwatch.models.registry import ModelStore
 from synthwatch.operators import explain as cam
@@ -110,10 +111,17 @@ class Explainer:
         sig = _top(verdict.signals, "image")
         if sig is None or frame.score < review or not self.explains(sig):
             return out
+        spec = self.store.spec(sig.name)
         h, w = image.shape[:2]
-        side = min(h, w, MAX_CAM_SIDE)
-        y0, x0 = (h - side) // 2, (w - side) // 2
-        square = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
+        if spec.view == "scene":
+            # What the scene model saw: the centre square at its one geometry.
+            square = scene_view(image, spec.input_shape[-1])
+            where = f"centre square resized to {square.shape[0]}x{square.shape[1]}"
+        else:
+            side = min(h, w, MAX_CAM_SIDE)
+            y0, x0 = (h - side) // 2, (w - side) // 2
+            square = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
+            where = f"centred {side}x{side} square at native resolution"
         batch = square.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
         heat = cam.grad_cam(self.module(sig.name), batch)[0]
         out.append(
@@ -121,7 +129,7 @@ class Explainer:
                 name="heatmap_frame",
                 role="heatmap",
                 png=cam.png(cam.overlay(square, heat)),
-                note=f"Grad-CAM of {sig.model}, centred {side}x{side} square at native resolution",
+                note=f"Grad-CAM of {sig.model}, {where}",
             )
         )
         return out

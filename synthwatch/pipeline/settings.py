@@ -88,8 +88,10 @@ class SampleSettings(_Frozen):
 class ModelSettings(_Frozen):
     face_models: tuple[str, ...] = ("sbi_face",)
     """Registry names of the models that score face crops (`synthwatch models list`)."""
-    image_models: tuple[str, ...] = ("fingerprint",)
-    """Models that score whole images from native-resolution patches."""
+    image_models: tuple[str, ...] = ("scene_probe", "fingerprint")
+    """Models that score whole images: `scene_probe` (stills of 512 px or more, at one
+    geometry), `fingerprint` (native-resolution patches of stills and video frames). The
+    first one that scores an item gives its per-frame timeline."""
     audio_models: tuple[str, ...] = ("aasist",)
     """Models that score 4 s windows of the audio track."""
     allow_missing: bool = False

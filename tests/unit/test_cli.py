@@ -354,7 +354,13 @@ def test_allow_missing_models_scans_with_our_own_and_what_none_can_score_is_inco
     by_source = {r["source"]: r for r in map(json.loads, proc.stdout.splitlines())}
     astronaut, png, tif, avi, video, wav = (by_source[str(p)] for p in items)
     assert astronaut["faces_found"] == 1 and astronaut["face_detections"] == 1
-    assert {"sbi_face", "fingerprint"} <= {s["name"] for s in astronaut["signals"]}
+    assert {"sbi_face", "scene_probe", "fingerprint"} <= {s["name"] for s in astronaut["signals"]}
+    # The scene probe reads stills as large as it was trained on (512 px and more) only.
+    assert "scene_probe" not in {s["name"] for s in png["signals"]}
+    assert any(
+        n.startswith("scene_probe did not score: the image is 320x240") for n in png["notes"]
+    )
+    assert "scene_probe" not in {s["name"] for s in video["signals"]}
     assert astronaut["frames"][0]["region"] == "faces"
     for still in (png, tif, avi):
         assert still["media_type"] == "image" and still["synthetic_score"] is not None

@@ -161,7 +161,7 @@ class _Store:
     def spec(self, name: str) -> Any:
         if name != "m":
             raise ModelUnavailable(f"unknown model {name!r}")
-        files = [SimpleNamespace(sha256=file_sha256(self.weights))]
+        files = [SimpleNamespace(sha256=file_sha256(self.weights), bundled=True, wheel=None)]
         return SimpleNamespace(files=files)
 
     def resolve(self, name: str) -> tuple[Path, ...]:
@@ -212,3 +212,65 @@ def test_items_a_model_was_trained_on_are_marked_and_left_out_of_its_unseen_auc(
     # A report that names other weights says nothing about these.
     report_file.write_text(json.dumps({"weights_sha256": "0" * 64, "data": {"sources": sources}}))
     assert ev.training_splits(_Store(weights), ["m"]) == {}
+
+
+@pytest.mark.parametrize(
+    ("rel", "group"),
+    [
+        ("ai/diffusion3_7.jpg", "ai/diffusion3"),
+        ("real/animals_10.jpg", "real/animals"),
+        ("fake/df00204.jpg", "fake/df"),
+        ("real/liveportrait_d11.mp4", "real/liveportrait"),
+        ("images/fake/declan_A1.jpg", "images/fake/declan"),
+        ("clip.mp4", "clip"),
+    ],
+)
+def test_items_are_grouped_by_source_from_their_names(rel: str, group: str) -> None:
+    assert ev.group_of(rel) == group
+
+
+def test_a_group_column_names_the_source_and_groups_are_reported(tmp_path: Path) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "path,label,group\na.jpg,fake,gen-x\nb.jpg,fake,gen-y\nc.jpg,real,\nd.jpg,real,cam\n"
+    )
+    items = ev.read_labels(csv)
+    assert [i.group for i in items] == ["gen-x", "gen-y", "c", "cam"]
+    scored_items = [
+        ev.Scored(item=i, verdict=verdict(s))
+        for i, s in zip(items, [0.9, 0.3, 0.4, 0.6], strict=True)
+    ]
+    groups = ev.report(scored_items, cal.EMPTY, POLICY)["by_group"]
+    # A generator's fakes are ranked against every real item; a camera's reals give FPR.
+    assert groups["gen-x"]["auc"] == 1.0 and groups["gen-y"]["auc"] == 0.0
+    assert groups["cam"]["at_review"]["fpr"] == 1.0 and groups["c"]["at_review"]["fpr"] == 0.0
+
+
+def test_cross_validation_scores_trained_on_items_with_their_out_of_fold_scores(
+    tmp_path: Path,
+) -> None:
+    from synthwatch.train.data import file_sha256
+
+    path = tmp_path / "seen.jpg"
+    path.write_bytes(b"an item the shipped model was trained on")
+    item = ev.Scored(item=ev.Labelled(path, "seen.jpg", 1), verdict=verdict(0.99))
+    other = ev.Scored(item=ev.Labelled(tmp_path / "gone.jpg", "gone.jpg", 0), verdict=verdict(0.2))
+    oof = {"m": {file_sha256(path): 0.31}}
+    replaced, kept = ev.with_out_of_fold([item, other], oof)
+    assert replaced.verdict is not None and replaced.verdict.signals[0].raw_score == 0.31
+    assert kept.verdict == other.verdict
+
+
+def test_geometry_normalisation_gives_every_still_one_shape(tmp_path: Path) -> None:
+    from PIL import Image
+
+    wide = tmp_path / "wide.jpg"
+    Image.new("RGB", (900, 400), "red").save(wide)
+    out = ev.normalise_geometry(wide, tmp_path / "n.png", 256)
+    with Image.open(out) as image:
+        assert image.size == (256, 256) and image.format == "PNG"
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypisom")
+    assert ev.normalise_geometry(clip, tmp_path / "c.png", 256) == clip  # not a still
