@@ -348,8 +348,24 @@ def test_allow_missing_models_scans_with_our_own_and_what_none_can_score_is_inco
     clip = make_video(tmp_path / "no_face.mp4", seconds=2.0, width=320, height=240, audio=True)
     voice = make_audio(tmp_path / "voice.wav", seconds=2.0)
     items = [face, photo, tiff, avif, clip, voice]
-    env = {"SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty"), "HOME": str(tmp_path / "home")}
-    proc = _scan([*map(str, items), "--allow-missing-models", "--json", "-"], env)
+    env = {
+        "SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty"),
+        "HOME": str(tmp_path / "home"),
+        # A desk that wants a person to look at what the detectors could not score.
+        "SYNTHWATCH_POLICY__ALERT_ON": '["inconclusive"]',
+    }
+    evidence = tmp_path / "evidence"
+    proc = _scan(
+        [
+            *map(str, items),
+            "--allow-missing-models",
+            "--json",
+            "-",
+            "--evidence-dir",
+            str(evidence),
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.stderr
     by_source = {r["source"]: r for r in map(json.loads, proc.stdout.splitlines())}
     astronaut, png, tif, avi, video, wav = (by_source[str(p)] for p in items)
@@ -380,6 +396,15 @@ def test_allow_missing_models_scans_with_our_own_and_what_none_can_score_is_inco
     assert any(n.startswith("aasist did not run: aasist: weights missing") for n in wav["notes"])
     assert any("not evidence of authenticity" in n for n in wav["notes"])
     assert not any("aasist" in n for n in png["notes"])  # only where it would have run
+    # Only the inconclusive item alerts here; its bundle holds the verdict, score null.
+    assert [r["source"] for r in (astronaut, png, tif, avi, video, wav) if "evidence" in r] == [
+        str(voice)
+    ]
+    manifest = json.loads(Path(wav["evidence"].removeprefix("file://")).read_text())
+    report_key = next(o["key"] for o in manifest["objects"] if o["key"].endswith("report.json"))
+    report = json.loads((evidence / report_key).read_text())
+    assert report["verdict"]["decision"] == "inconclusive"
+    assert report["verdict"]["synthetic_score"] is None
     assert "inconclusive" in proc.stderr  # the table shows the decision, no number
 
 
@@ -407,6 +432,17 @@ def test_c2pa_fixtures_are_classified_exactly(model_env: dict[str, str], shared_
     # No manifest: no provenance signal; the models decide.
     assert plain["provenance"]["present"] is False
     assert "c2pa" not in {s["name"] for s in plain["signals"]}
+
+
+def test_a_detect_worker_with_missing_weights_stops_with_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["worker", "--role", "detect"],
+        env={"SYNTHWATCH_MODEL_DIR": str(tmp_path / "empty"), "SYNTHWATCH_WORK_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 2
+    line = _one_line(result.output)
+    assert "aasist: weights missing" in line and "--allow-missing-models" in line
 
 
 def test_a_sink_worker_without_an_endpoint_is_one_clear_error(
