@@ -150,6 +150,17 @@ def load_settings(**overrides: Any) -> Settings:
     return settings.model_copy(update=update) if update else settings
 
 
+AllowMissing = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing-models",
+        help="Run with the models that are installed when some listed ones are missing or "
+        "altered; each verdict names what did not run, and an item nothing else can score "
+        "is inconclusive.",
+    ),
+]
+
+
 def _named(flag: str, _loc: tuple[str | int, ...]) -> str:
     return flag
 
@@ -301,14 +312,7 @@ def scan(
     ] = None,
     frames: Annotated[int | None, typer.Option(help="Frames sampled per video.")] = None,
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
-    allow_missing_models: Annotated[
-        bool,
-        typer.Option(
-            "--allow-missing-models",
-            help="Scan with the models that are installed when some listed ones are not; "
-            "items nothing else can score come out inconclusive.",
-        ),
-    ] = False,
+    allow_missing_models: AllowMissing = False,
 ) -> None:
     """Scan local files or URLs in this process (no broker) and print the verdicts."""
     from synthwatch.operators.store import LocalStore
@@ -442,13 +446,7 @@ def worker(
         str,
         typer.Option(help="fetch | detect | decide | sink | all (all: sink when its URL is set)"),
     ] = "all",
-    allow_missing_models: Annotated[
-        bool,
-        typer.Option(
-            "--allow-missing-models",
-            help="Start with the models that are installed when some listed ones are not.",
-        ),
-    ] = False,
+    allow_missing_models: AllowMissing = False,
 ) -> None:
     """Run a streaming worker for one role (or all) against Kafka and S3."""
     from synthwatch.pipeline import logging as sw_logging
@@ -685,13 +683,7 @@ def calibrate(
     ),
     method: Annotated[str, typer.Option(help="platt | isotonic")] = "platt",
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
-    allow_missing_models: Annotated[
-        bool,
-        typer.Option(
-            "--allow-missing-models",
-            help="Measure the models that are installed when some listed ones are not.",
-        ),
-    ] = False,
+    allow_missing_models: AllowMissing = False,
 ) -> None:
     """Fit a per-model calibration on labelled media and save it.
 
@@ -744,17 +736,11 @@ def eval_cmd(
         typer.Option(
             min=32,
             help="Scan every still as a centre square crop resized to this side (PNG), so "
-            "no detector can tell classes apart by size or aspect (ml72: 256).",
+            "no detector can tell classes apart by size or aspect (ml72: 512).",
         ),
     ] = None,
     workers: Annotated[int, typer.Option(help="Items decoded at once.")] = 2,
-    allow_missing_models: Annotated[
-        bool,
-        typer.Option(
-            "--allow-missing-models",
-            help="Measure the models that are installed when some listed ones are not.",
-        ),
-    ] = False,
+    allow_missing_models: AllowMissing = False,
 ) -> None:
     """Scan labelled media and report AUC, EER, precision/recall/FPR per media type."""
     from synthwatch.models.registry import ModelStore

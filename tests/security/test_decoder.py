@@ -324,16 +324,24 @@ def test_an_image_claiming_absurd_dimensions_is_refused_within_bounded_memory(
         mf.make_png_header(path, width=100_000, height=100_000)
     else:
         path.write_bytes(data)
+    _refused_within_bounds(path, SETTINGS)
+
+
+def _refused_within_bounds(path: Path, settings: SampleSettings) -> list[LimitExceeded]:
+    """Probe and sample `path` in the sandbox, and in this process too (sample.py's own
+    checks must hold where no child's memory cap backs them up, `isolate=False`): each
+    refuses it as over a limit, quickly, and this process's memory barely grows."""
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # In the sandbox, and in this process too: sample.py's own checks must hold where
-    # no child's memory cap backs them up (`isolate=False`).
+    refusals = []
     for call in (sandbox.probe, sandbox.sample, sample_op.sample):
-        out, took = timed(functools.partial(call, path, SETTINGS))
+        out, took = timed(functools.partial(call, path, settings))
         if call is sandbox.probe and isinstance(out, MediaInfo):
             continue  # a GIF grows on a later frame, which probe does not visit
-        assert isinstance(out, LimitExceeded), f"{name}: {out!r}"
+        assert isinstance(out, LimitExceeded), f"{path.name}: {out!r}"
         assert took < 5.0
+        refusals.append(out)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024
+    return refusals
 
 
 def test_a_jpeg_too_large_even_at_one_eighth_scale_is_refused_within_bounded_memory(
@@ -346,16 +354,9 @@ def test_a_jpeg_too_large_even_at_one_eighth_scale_is_refused_within_bounded_mem
     path = media_dir / "jpeg-sof.jpg"
     path.write_bytes(jpeg_claiming(65000, 65000))
     settings = SampleSettings(frames=4, max_decode_s=10.0, max_pixels=16_000_000)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for call in (sandbox.probe, sandbox.sample, sample_op.sample):
-        out, took = timed(functools.partial(call, path, settings))
-        if call is sandbox.probe and isinstance(out, MediaInfo):
-            continue  # probe reads the header only; sampling is what refuses
-        assert isinstance(out, LimitExceeded), f"{out!r}"
-        assert "65000x65000" in str(out) and "1/8" in str(out)
-        assert "SYNTHWATCH_SAMPLE__MAX_PIXELS=16000000" in str(out)
-        assert took < 5.0
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024
+    for refusal in _refused_within_bounds(path, settings):
+        assert "65000x65000" in str(refusal) and "1/8" in str(refusal)
+        assert "SYNTHWATCH_SAMPLE__MAX_PIXELS=16000000" in str(refusal)
 
 
 def test_a_huge_jpeg_is_sampled_at_reduced_size_inside_the_sandboxs_memory_cap(
