@@ -931,6 +931,7 @@ ALERTS = {
     "SynthwatchDependencyDown",
     "SynthwatchEndToEndLatencyHigh",
     "SynthwatchBatchFillLowUnderLoad",
+    "SynthwatchInconclusiveShareHigh",
     "SynthwatchPipelineStalled",
     "SynthwatchRecordStuck",
     "SynthwatchTargetDown",
