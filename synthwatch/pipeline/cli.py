@@ -367,8 +367,9 @@ def _check_writable_dir(path: Path, option: str) -> None:
     is scanned: a typo must not surface on the first alerting item, minutes in."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".synthwatch-write-check-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".synthwatch-write-check-") as probe:
+            probe.write(b"synthwatch")  # deleted on close
+            probe.flush()
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
 
