@@ -286,14 +286,19 @@ def scan_all(
 def _drain_on_interrupt(pool: ThreadPoolExecutor) -> None:
     """After Ctrl-C: start no more items and wait for the ones in flight, so the engine
     is closed after its last user and no thread runs torch or ONNX Runtime while the
-    interpreter shuts down. A second Ctrl-C ends the process at once (exit 130) without
-    running finalisers: every verdict line already written is whole and flushed, and a
-    hard exit cannot corrupt what a shutdown racing live threads can."""
-    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(130))
-    try:
-        pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    interpreter shuts down. From then on, until the process ends (closing the engine,
+    the decoder children, the atexit hooks), a second Ctrl-C ends it at once (exit 130)
+    without running finalisers: every verdict line already written is whole and
+    flushed, and a hard exit cannot corrupt what a shutdown racing live threads can."""
+    _exit_on_next_interrupt()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_on_next_interrupt() -> None:
+    """From now on Ctrl-C ends the process at once with exit code 130, skipping the
+    interpreter's shutdown (atexit hooks, finalisers), which an interrupt would
+    otherwise break off with a traceback."""
+    signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(130))
 
 
 @app.command()
@@ -349,7 +354,18 @@ def scan(
             json_fh.write(json.dumps(line, sort_keys=True) + "\n")
             json_fh.flush()
 
-    results = scan_all(settings, items, store=store, workers=workers, on_result=write)
+    try:
+        results = scan_all(settings, items, store=store, workers=workers, on_result=write)
+    except KeyboardInterrupt:
+        # The items in flight are done and every line written is flushed: leave at once
+        # rather than through an interpreter shutdown a second Ctrl-C could break off.
+        err.print("interrupted")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    # Every verdict is written and the engine closed: an interrupt now could only cut
+    # the shutdown short, so it ends the process cleanly instead.
+    _exit_on_next_interrupt()
     if json_fh is not None and json_fh is not sys.stdout:
         json_fh.close()
     _print_table(results, to_stderr=json_out == "-")

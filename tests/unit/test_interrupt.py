@@ -77,7 +77,8 @@ def _interrupted_scans(tmp_path: Path, rounds: int) -> None:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole group
         if round_ % 2:  # an impatient user presses it again: out at once, still clean
-            time.sleep(0.3)
+            # ... while items drain, while the engine closes, or during exit's cleanup.
+            time.sleep((0.3, 1.0, 2.0)[round_ // 2 % 3])
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)
         _stdout, stderr = proc.communicate(timeout=120)
@@ -94,7 +95,7 @@ def _interrupted_scans(tmp_path: Path, rounds: int) -> None:
 
 
 def test_ctrl_c_during_a_scan_ends_it_cleanly(tmp_path: Path) -> None:
-    _interrupted_scans(tmp_path, rounds=3)
+    _interrupted_scans(tmp_path, rounds=4)
 
 
 @pytest.mark.slow
