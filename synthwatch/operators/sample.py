@@ -183,6 +183,10 @@ class Sampled:
     notes: list[str] = field(default_factory=list)
     """What a cap cut short (the part of a long video or animation that was sampled, a
     huge image decoded at reduced size), for the verdict's notes."""
+    sampled_s: float | None = None
+    """When a cap cut a video short, how much of it, from its start, frames were sampled
+    from: the time segments behind a frame score end there, not at `duration_s`. (The
+    audio's own length says the same for audio.)"""
 
 
 # --------------------------------------------------------------------------- public API
@@ -740,6 +744,7 @@ def _sample_av(
 ) -> Sampled:
     frames: list[Frame] = []
     notes: list[str] = []
+    sampled_s: float | None = None
     keyframes = None
     strategy = "audio"
     duration_s = info.duration_s or 0.0
@@ -749,6 +754,7 @@ def _sample_av(
         span_s = min(index.seconds(index.end - index.pts[0]), settings.max_duration_s)
         duration_s = info.duration_s or span_s
         if index.truncated:
+            sampled_s = span_s
             total = f"{_hms(duration_s)}" if duration_s > span_s else "a longer stream"
             notes.append(
                 f"video: only the first {_hms(span_s)} of {total} were sampled "
@@ -797,6 +803,7 @@ def _sample_av(
         keyframes=keyframes,
         strategy=strategy,
         notes=notes,
+        sampled_s=sampled_s,
     )
 
 

@@ -430,7 +430,10 @@ class Engine:
             if sampled.media_type != "audio" and not ms.audio_on_video:
                 notes.append(SOUNDTRACK_NOTE)
             elif self.by_kind("audio"):
-                signals += self._score_audio(sampled.audio, sampled.duration_s)
+                # Windows end where the decoded audio does (max_audio_s may cut it).
+                heard = len(sampled.audio) / audio_op.SAMPLE_RATE
+                span = min(sampled.duration_s, heard) if heard else sampled.duration_s
+                signals += self._score_audio(sampled.audio, span)
             elif not any(kind == "audio" for kind, _why in self.missing.values()):
                 notes.append(f"audio decoded, but {setting_name('audio')} lists no model")
         notes += self._missing_notes(sampled)
@@ -549,7 +552,7 @@ class Engine:
         signals = []
         for d in models:
             score, segments = fuse.aggregate_scores(
-                times, per_model_frame[d.name], sampled.duration_s
+                times, per_model_frame[d.name], _scored_span(sampled)
             )
             signals.append(d.signal(score, "face", segments))
         distinct = len({i for ids in face_ids for i in ids})
@@ -593,7 +596,7 @@ class Engine:
                     per_frame.append(float(scores[pos : pos + len(ps)].mean()))
                     pos += len(ps)
             times = [f.time_s for f in sampled.frames]
-            score, segments = fuse.aggregate_scores(times, per_frame, sampled.duration_s)
+            score, segments = fuse.aggregate_scores(times, per_frame, _scored_span(sampled))
             signals.append(d.signal(score, "image", segments))
             if not frames:  # the first image model's timeline is the one shown per frame
                 frames = [
@@ -619,6 +622,12 @@ class Engine:
             score = float(np.mean(scores))
             signals.append(d.signal(score, "audio", segments))
         return signals
+
+
+def _scored_span(sampled: Sampled) -> float:
+    """How much of the item the frame scores stand for: all of it, unless a cap cut
+    sampling short (then the segments end where sampling did)."""
+    return sampled.sampled_s if sampled.sampled_s is not None else sampled.duration_s
 
 
 def merge_frames(
