@@ -200,8 +200,9 @@ def probe(path: Path, settings: SampleSettings) -> MediaInfo:
     animation frames).
     """
     path = Path(path)
-    if _looks_like_image(_read_head(path)):
-        with _open_image(path, settings) as image:
+    head = _read_head(path)
+    if _looks_like_image(head):
+        with _open_image(path, head, settings) as image:
             return _image_info(image, settings)
     with _open_av(path, settings) as container, _av_errors():
         return _av_info(container, settings)
@@ -218,10 +219,11 @@ def sample(path: Path, settings: SampleSettings, *, media_type: str | None = Non
     """
     path = Path(path)
     deadline = _Deadline.after(settings.max_decode_s)
-    if _looks_like_image(_read_head(path)):
+    head = _read_head(path)
+    if _looks_like_image(head):
         if media_type not in (None, "image", "video"):
             raise UnsupportedMedia(f"expected {media_type}, found an image")
-        with _open_image(path, settings) as image:
+        with _open_image(path, head, settings) as image:
             info = _image_info(image, settings)
             return _sample_image(image, info, settings, deadline)
     if media_type == "image":
@@ -241,8 +243,9 @@ def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> lis
     deadline = _Deadline.after(settings.max_decode_s)
     if not times_s:
         return []
-    if _looks_like_image(_read_head(path)):
-        with _open_image(path, settings) as image:
+    head = _read_head(path)
+    if _looks_like_image(head):
+        with _open_image(path, head, settings) as image:
             info = _image_info(image, settings)
             with _image_errors(settings):
                 return _image_frames_at(image, info, times_s, settings, deadline)
@@ -995,22 +998,23 @@ def register_plugins() -> None:
         pillow_heif.register_heif_opener()
 
 
-def _open_image(path: Path, settings: SampleSettings) -> Image.Image:
+def _open_image(path: Path, head: bytes, settings: SampleSettings) -> Image.Image:
     register_plugins()
+    kind = sniff(head)
     image: Image.Image
     try:
         # Image.open reads the header only; pixels are decoded on load(). It also
         # refuses, from the header, an image over Pillow's pixel cap (the sandbox sets
         # it to ours), except for a JPEG: that may be larger, as it decodes at down to
         # 1/8 scale, so it is opened by its plugin and `_check_image` judges its size.
-        if sniff(_read_head(path)) == ("image/jpeg", "image"):
+        if kind == ("image/jpeg", "image"):
             image = JpegImagePlugin.JpegImageFile(path)
         else:
             image = Image.open(path, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise LimitExceeded(_bomb(exc, settings)) from None
     except UnidentifiedImageError:
-        if sniff(_read_head(path)) in (("image/heic", "image"), ("image/heif", "image")):
+        if kind in (("image/heic", "image"), ("image/heif", "image")):
             raise UnsupportedMedia(
                 "HEIF/HEIC images need the optional pillow-heif plugin: "
                 "pip install 'synthwatch[heif]'"

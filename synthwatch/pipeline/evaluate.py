@@ -23,6 +23,7 @@ the policy), which is exactly what the engine does, so refitting needs no rescan
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -201,14 +202,12 @@ def with_out_of_fold(scored: Sequence[Scored], oof: dict[str, dict[str, float]])
         return list(scored)
     from msgspec.structs import replace
 
-    from synthwatch.train.data import file_sha256  # the hash the training reports hold
-
     out = []
     for s in scored:
         if s.verdict is None or not s.item.path.is_file():
             out.append(s)
             continue
-        digest = file_sha256(s.item.path)
+        digest = _item_sha256(s.item.path)
         signals = [
             replace(sig, score=oof[sig.name][digest], raw_score=oof[sig.name][digest])
             if digest in oof.get(sig.name, {})
@@ -224,17 +223,24 @@ def seen_in_training(
 ) -> dict[str, dict[str, str]]:
     """item path (as in the CSV) -> {model: the split its training run put the file in},
     for the items some model's training run read."""
-    from synthwatch.train.data import file_sha256  # the hash the training reports hold
-
     seen: dict[str, dict[str, str]] = {}
     for s in scored:
         if not splits or not s.item.path.is_file():
             continue
-        digest = file_sha256(s.item.path)
+        digest = _item_sha256(s.item.path)
         hits = {model: by_sha[digest] for model, by_sha in splits.items() if digest in by_sha}
         if hits:
             seen[s.item.rel] = hits
     return seen
+
+
+@functools.cache
+def _item_sha256(path: Path) -> str:
+    """The hash training reports hold for a file; eval asks twice per item (training
+    overlap, out-of-fold scores), so each labelled file is read once."""
+    from synthwatch.train.data import file_sha256
+
+    return file_sha256(path)
 
 
 def signal_table(report_: dict[str, Any]) -> list[dict[str, Any]]:
