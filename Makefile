@@ -49,6 +49,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Offline checks of the deployment: render the kustomize overlays, validate them against
 # the Kubernetes API and KEDA CRD schemas, lint the Dockerfile (scripts/validate-k8s).

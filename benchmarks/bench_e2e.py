@@ -2,7 +2,7 @@
 and against a naive scanner, all measured in one run.
 
 - media: camera-like clips and stills generated here (see `media_specs`).
-- ours: `synthwatch.pipeline.cli.scan_all(settings, sources, workers=2)`, our bundled
+- ours: `synthwatch.pipeline.scan.scan_all(settings, sources, workers=2)`, our bundled
   models only (an empty model dir: sbi_face + fingerprint, LBP cascade for faces), with
   the default settings (sample.mode=adaptive); then the same with sample.mode=exact.
 - limit: 2 cores / (CPU-s per item of sampling alone + CPU-s per item of analysis alone).
@@ -173,12 +173,9 @@ def measuring(items: int) -> Iterator[Measured]:
 def bench_settings(model_dir: Path, **sample: Any) -> Any:
     """Settings for the benchmark: bundled models only; nothing alerts, so no evidence
     bundle is written (the Kafka benchmark uses the same policy)."""
-    from synthwatch.pipeline.settings import (
-        ModelSettings,
-        PolicySettings,
-        SampleSettings,
-        Settings,
-    )
+    from synthwatch.operators.policy import PolicySettings
+    from synthwatch.operators.sample import SampleSettings
+    from synthwatch.pipeline.settings import ModelSettings, Settings
 
     return Settings(
         model_dir=model_dir,
@@ -189,7 +186,7 @@ def bench_settings(model_dir: Path, **sample: Any) -> Any:
 
 
 def run_ours(settings: Any, sources: list[str], workers: int) -> Measured:
-    from synthwatch.pipeline.cli import scan_all
+    from synthwatch.pipeline.scan import scan_all
 
     with measuring(len(sources)) as m:
         results = scan_all(settings, sources, workers=workers)
@@ -262,7 +259,8 @@ def run_naive(settings: Any, paths: list[Path], *, every_frame: bool) -> Measure
 
     from synthwatch.models.registry import ModelStore
     from synthwatch.operators import faces as faces_op
-    from synthwatch.pipeline.engine import load_face_detector, to_batch
+    from synthwatch.operators.score import to_batch
+    from synthwatch.pipeline.engine import load_face_detector
 
     torch.set_num_threads(settings.models.threads)
     store = ModelStore(settings.model_dir)
@@ -335,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller set (about 2 minutes)")
     ap.add_argument("--profile", type=Path, help="write a cProfile of ours to this file")
     args = ap.parse_args(argv)
-    from synthwatch.pipeline import logging as sw_logging
+    from synthwatch.pipeline import logs
 
-    sw_logging.configure("WARNING", None)
+    logs.configure("WARNING", None)
     if args.profile:
         import cProfile
 

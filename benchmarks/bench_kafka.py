@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="the quick media set (about 3 minutes)")
     args = ap.parse_args(argv)
-    from synthwatch.pipeline import logging as sw_logging
+    from synthwatch.pipeline import logs
 
-    sw_logging.configure("WARNING", None)
+    logs.configure("WARNING", None)
     # The set once per partition, rotated (see Run.submit), so the scaling pair measures
     # the workers, not which of them drew the 1080p clips. The quick set alone (8 items,
     # about 4 s of work) measured mostly the first fetch and the last item's tail.

@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -37,7 +36,8 @@ from PIL import Image
 
 from benchmarks._common import ROOT, Report, Target, Timed, timed
 from synthwatch.operators import sample as sample_op
-from synthwatch.pipeline.settings import SampleSettings
+from synthwatch.operators.sample import Deadline, SampleSettings
+from synthwatch.operators.sample import video as sample_video
 
 CACHE = ROOT / "benchmarks" / ".cache"
 FRAMES = 16
@@ -228,13 +228,13 @@ def synthwatch(path: Path, mode: str) -> Picked:
 
 def keyframes_only(path: Path, targets: list[float]) -> Picked:
     """The nearest keyframe to each target, nothing else: synthwatch's own index and
-    decoder (private helpers), without the exact top-up its keyframes mode adds."""
+    decoder (`sample.video`), without the exact top-up its keyframes mode adds."""
     settings = SampleSettings(frames=FRAMES, audio=False)
-    deadline = time.monotonic() + settings.max_decode_s
-    with sample_op._open_av(path, settings) as container:
-        stream = sample_op._video_stream(container)
-        index = sample_op._index_packets(container, stream, settings, deadline)
-        decoder = sample_op._Decoder(container, stream, index, settings, deadline)
+    deadline = Deadline.after(settings.max_decode_s)
+    with sample_video.open_av(path, settings) as container:
+        stream = sample_video.video_stream(container)
+        index = sample_video.index_packets(container, stream, settings, deadline)
+        decoder = sample_video.Decoder(container, stream, index, settings, deadline)
         keys = sorted({index.nearest_keyframe(index.to_pts(t)) for t in targets})
         decoded = (decoder.keyframe(k) for k in keys)
         return [d for d in decoded if d is not None]

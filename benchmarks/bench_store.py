@@ -3,7 +3,7 @@
 Usage: `python -m benchmarks.bench_store [--quick] [--repeats N]`.
 
 Ours is what the fetch stage does: `S3Store.put_file_if_absent` with the sha256 the
-fetcher computed, through the pipeline's own client (`topology.s3_client`), which sends
+fetcher computed, through the pipeline's own client (`store.s3_client`), which sends
 that digest as a signed checksum header and does not sign the body. The baseline is
 the client before that change: the body signed with a SHA-256 of its own (botocore
 always does so over plain HTTP unless told otherwise) and botocore's CRC32 checksum.
@@ -32,8 +32,7 @@ def _clients(env: dict[str, str]) -> tuple[Any, Any, str]:
     from botocore.config import Config
     from pydantic import SecretStr
 
-    from synthwatch.pipeline.settings import S3Settings, Settings
-    from synthwatch.pipeline.topology import s3_client
+    from synthwatch.operators.store import S3Settings, s3_client
 
     s3 = S3Settings(
         endpoint_url=env["SYNTHWATCH_S3__ENDPOINT_URL"],
@@ -49,11 +48,11 @@ def _clients(env: dict[str, str]) -> tuple[Any, Any, str]:
         aws_secret_access_key=env["SYNTHWATCH_S3__SECRET_ACCESS_KEY"],
         config=Config(s3={"addressing_style": "path"}),
     )
-    return s3_client(Settings(s3=s3)), old, s3.bucket
+    return s3_client(s3), old, s3.bucket
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synthwatch.operators.errors import StorageFailed
+    from synthwatch.errors import StorageFailed
     from synthwatch.operators.store import S3Store
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

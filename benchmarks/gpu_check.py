@@ -229,7 +229,8 @@ def _scan_media(work: Path) -> list[str]:
 def _timed_scan(backend: str, media: list[str], workers: int) -> dict[str, Any]:
     from collections import Counter
 
-    from synthwatch.pipeline.cli import load_settings, scan_all
+    from synthwatch.pipeline.cli import load_settings
+    from synthwatch.pipeline.scan import scan_all
 
     settings = load_settings(models__backend=backend)
     scan_all(settings, media[:2], workers=workers)  # warm-up: model load, engine build

@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from synthwatch.pipeline import evaluate as ev
-from synthwatch.pipeline.cli import load_settings, scan_all
+from synthwatch.pipeline.cli import load_settings
+from synthwatch.pipeline.scan import scan_all
+from synthwatch.train.labels import read_labels
 
 VIDEO = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".webp")
 
 
 def main(labels: Path) -> None:
-    items = [i for i in ev.read_labels(labels) if i.path.suffix.lower() in VIDEO]
+    items = [i for i in read_labels(labels) if i.path.suffix.lower() in VIDEO]
     runs: dict[bool, list[Any]] = {}
     for on in (False, True):
         settings = load_settings(models__audio_on_video=on)

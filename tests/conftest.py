@@ -25,7 +25,7 @@ def shared_dir() -> Path:
 
 @pytest.fixture
 def configured_logging() -> Iterator[None]:
-    """For tests that run `sw_logging.configure` as an entry point does: structlog's
+    """For tests that run `logs.configure` as an entry point does: structlog's
     config, the root handlers and level, the levels it sets on noisy libraries and the
     bound context are all restored afterwards."""
     import logging

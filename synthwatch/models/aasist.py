@@ -38,13 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthwatch.operators.errors import ModelUnavailable
-
-SAMPLE_RATE = 16000
-"""The weights were trained on 16 kHz ASVspoof 2019 LA audio."""
-
-INPUT_SAMPLES = 64600
-"""About 4.04 s at 16 kHz: the upstream ``nb_samp``; the graph sizes follow from it."""
+from synthwatch.errors import ModelUnavailable
+from synthwatch.models.speech import INPUT_SAMPLES, SAMPLE_RATE
 
 
 @dataclass(frozen=True)

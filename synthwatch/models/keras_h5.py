@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.meso import KerasKind
-from synthwatch.operators.errors import ModelUnavailable
 
 _SUFFIX = re.compile(r"^(?P<kind>.+?)(?:_(?P<n>\d+))?$")
 

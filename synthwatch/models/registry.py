@@ -23,13 +23,15 @@ from typing import BinaryIO, Literal
 import httpx
 from torch import nn
 
-from synthwatch.models.aasist import INPUT_SAMPLES, build_aasist, build_aasist_l
+from synthwatch.digest import file_sha256
+from synthwatch.errors import ModelUnavailable
+from synthwatch.models.aasist import build_aasist, build_aasist_l
 from synthwatch.models.export import ONNX_OPSET, export_onnx
 from synthwatch.models.keras_h5 import load_keras_weights
 from synthwatch.models.meso import INPUT_SIZE, Meso4, MesoInception4
 from synthwatch.models.mobilenet import SCENE_SIZE, MobileNetV2, SceneProbe
-from synthwatch.operators.errors import ModelUnavailable
-from synthwatch.train.nets import FINGERPRINT_PATCH, SBI_INPUT_SIZE, FingerprintNet, SbiFaceNet
+from synthwatch.models.nets import FINGERPRINT_PATCH, SBI_INPUT_SIZE, FingerprintNet, SbiFaceNet
+from synthwatch.models.speech import INPUT_SAMPLES
 
 ModelKind = Literal["face", "face_detector", "image", "audio"]
 """face: scores one face crop; face_detector: finds faces in a frame; image: scores a
@@ -502,7 +504,7 @@ class ModelStore:
         re-hashed while copying, so a file that changes under us is not installed.
         Raises `ModelUnavailable` if the file's sha256 matches no registered weights.
         """
-        digest = _sha256_file(src)
+        digest = file_sha256(src)
         for spec in self._specs.values():
             for f in spec.files:
                 if f.sha256 == digest and f.bundled:
@@ -632,7 +634,7 @@ class ModelStore:
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         digest = self._verified.get(key)
         if digest is None:
-            digest = _sha256_file(path)
+            digest = file_sha256(path)
             self._verified[key] = digest
         return digest
 
@@ -676,11 +678,3 @@ def _weights_id(spec: ModelSpec) -> str:
 def _read_chunks(fh: BinaryIO) -> Iterator[bytes]:
     while chunk := fh.read(_CHUNK):
         yield chunk
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in _read_chunks(fh):
-            h.update(chunk)
-    return h.hexdigest()

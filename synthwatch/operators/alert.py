@@ -13,8 +13,12 @@ values (`X-Amz-Signature`, `sig`, `token`, ...). The media itself is identified 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 
-from synthwatch.pipeline.logging import redact_urls
+from synthwatch.operators.evidence import Bundle, EvidenceFrame, write_bundle
+from synthwatch.operators.policy import Policy
+from synthwatch.operators.redact import redact_urls
+from synthwatch.operators.store import ObjectStore
 from synthwatch.schemas import Alert, Verdict
 
 
@@ -44,3 +48,28 @@ def make_alert(verdict: Verdict, *, evidence_uri: str, manifest_sha256: str) -> 
         detected_at=verdict.detected_at,
         decided_by=verdict.decided_by,
     )
+
+
+def alert_with_evidence(
+    verdict: Verdict,
+    frames: Callable[[], Sequence[EvidenceFrame]],
+    store: ObjectStore,
+    *,
+    evidence_prefix: str,
+    policy: Policy,
+) -> tuple[Alert, Bundle] | None:
+    """For a decision the policy alerts on: write the evidence bundle, then build the
+    alert that points to it; None for any other decision.
+
+    `frames` is called only if the bundle is not in the store yet.
+    """
+    if not policy.alerts(verdict.decision):
+        return None
+    aid = alert_id(verdict.sha256, verdict.model_set, verdict.policy_version)
+    bundle = write_bundle(
+        store, prefix=evidence_prefix, alert_id=aid, verdict=verdict, frames=frames
+    )
+    alert = make_alert(
+        verdict, evidence_uri=bundle.manifest_uri, manifest_sha256=bundle.manifest_sha256
+    )
+    return alert, bundle

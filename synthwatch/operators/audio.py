@@ -11,15 +11,12 @@ This module needs only numpy, so it can run where torch is not installed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-SAMPLE_RATE = 16000
-"""The rate `synthwatch.operators.sample` decodes audio to, and the detectors expect."""
+from synthwatch.models.speech import INPUT_SAMPLES, SAMPLE_RATE
 
-WINDOW_SAMPLES = 64600
-"""AASIST's input length (``nb_samp``)."""
+WINDOW_SAMPLES = INPUT_SAMPLES
+"""A speech model's input length (`models.speech`)."""
 
 MIN_TAIL_S = 1.0
 """A trailing partial window shorter than this is dropped: filling four seconds with a
@@ -73,18 +70,6 @@ def windows(
     for row, start in enumerate(starts):
         out[row] = _repeat_to(signal[start : start + size], size)
     return out, [start / SAMPLE_RATE for start in starts]
-
-
-def window_spans(
-    starts: Sequence[float], size: int, sr: int, duration_s: float
-) -> list[tuple[float, float]]:
-    """(start_s, end_s) of each window, ending at `duration_s` for a padded last window.
-
-    Evidence should name the seconds of the file a score came from, not the repeated
-    samples that filled a window.
-    """
-    length = size / sr
-    return [(start, min(start + length, duration_s)) for start in starts]
 
 
 def _clean(audio: np.ndarray) -> np.ndarray:

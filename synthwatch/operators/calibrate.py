@@ -33,7 +33,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from synthwatch.operators.errors import InvalidInput
+from synthwatch.errors import InvalidInput
 
 Method = Literal["platt", "isotonic"]
 Transform = Literal["logit", "identity"]

@@ -31,8 +31,8 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw
 
 from synthwatch import __version__
+from synthwatch.operators.redact import redact_urls
 from synthwatch.operators.store import ObjectStore, sha256_bytes
-from synthwatch.pipeline.logging import redact_urls
 from synthwatch.schemas import FrameResult, Verdict, to_builtins
 
 MAX_EVIDENCE_FRAMES = 8
@@ -89,11 +89,14 @@ def annotate(image: npt.NDArray[np.uint8], frame: FrameResult) -> bytes:
     return out.getvalue()
 
 
-def _closest(frames: Sequence[EvidenceFrame], t: float) -> EvidenceFrame | None:
-    if not frames:
-        return None
-    best = min(frames, key=lambda f: abs(f.time_s - t))
-    return best if abs(best.time_s - t) < 0.5 else None
+SAME_FRAME_S = 0.5
+"""A decoded frame this close to a timeline entry's time is taken to be that frame."""
+
+
+def closest(frames: Sequence[EvidenceFrame], t: float) -> EvidenceFrame | None:
+    """The frame shown at `t`: the nearest one within `SAME_FRAME_S`, else None."""
+    best = min(frames, key=lambda f: abs(f.time_s - t), default=None)
+    return best if best is not None and abs(best.time_s - t) < SAME_FRAME_S else None
 
 
 def write_bundle(
@@ -127,7 +130,7 @@ def write_bundle(
 
     frame_refs = []
     for n, fr in enumerate(driving_frames(verdict)):
-        ev = _closest(decoded, fr.time_s)
+        ev = closest(decoded, fr.time_s)
         if ev is None:
             continue
         name = f"frame_{n:02d}_{fr.time_s:08.3f}s.jpg"

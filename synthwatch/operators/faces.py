@@ -1,8 +1,8 @@
 """Face detection and face crops for the frame classifiers.
 
 MesoNet (Afchar et al. 2018) was trained on 256x256 crops of the face box enlarged about
-1.3x, so `crop_faces` reproduces that framing; `whole_frame_crop` is the fallback when no
-face is found. Detection is MTCNN (Zhang et al. 2016), see `synthwatch.models.mtcnn`.
+1.3x, so `crop_faces` reproduces that framing. Detection is MTCNN (Zhang et al. 2016), see
+`synthwatch.models.mtcnn`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.mtcnn import MTCNN, Detection
-from synthwatch.operators.errors import ModelUnavailable
 
 if TYPE_CHECKING:
     import cv2
@@ -100,18 +100,6 @@ def crop_faces(
             )
         )
     return crops
-
-
-def whole_frame_crop(frame: npt.NDArray[np.uint8], size: int = 256) -> npt.NDArray[np.uint8]:
-    """The centred largest square of `frame`, resized to `size` x `size`.
-
-    Raises ValueError for a frame that is not uint8 (H, W, 3).
-    """
-    _check_frame(frame)
-    height, width = frame.shape[:2]
-    side = min(height, width)
-    y0, x0 = (height - side) // 2, (width - side) // 2
-    return _resize(np.ascontiguousarray(frame[y0 : y0 + side, x0 : x0 + side]), size)
 
 
 class FaceDetector:

@@ -27,9 +27,9 @@ from typing import Any, BinaryIO, Self
 import httpcore
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict
 
-from synthwatch.operators import netguard
-from synthwatch.operators.errors import (
+from synthwatch.errors import (
     FetchFailed,
     FetchTimeout,
     InvalidRef,
@@ -38,9 +38,30 @@ from synthwatch.operators.errors import (
     TooLarge,
     UnsupportedMedia,
 )
+from synthwatch.operators import netguard
+from synthwatch.operators.redact import redact_url
 from synthwatch.operators.sniff import EXTENSIONS, HEAD_BYTES, sniff
-from synthwatch.pipeline.settings import FetchSettings
 from synthwatch.schemas import MediaType
+
+
+class FetchSettings(BaseModel):
+    """`SYNTHWATCH_FETCH__*`: where and how much `Fetcher` may fetch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allow_private: bool = False
+    """Allow loopback/private/link-local destinations. Only for trusted deployments and tests."""
+    allow_networks: tuple[str, ...] = ()
+    """CIDRs allowed although not public (e.g. an internal media server, `10.20.0.0/16`):
+    narrower than `allow_private`, which opens every non-public range at once."""
+    max_bytes: int = 512 * 1024 * 1024
+    """Cap on decoded (not wire) body bytes."""
+    timeout_s: float = 120.0
+    """Cap on the whole transfer, redirects included."""
+    connect_timeout_s: float = 10.0
+    max_redirects: int = 5
+    user_agent: str = "synthwatch/0.1 (+https://github.com/synthwatch/synthwatch)"
+
 
 CHUNK_BYTES = 64 * 1024
 
@@ -81,7 +102,7 @@ class Fetcher:
     """Owns the guarded HTTP client (and borrows an S3 client) for fetching references.
 
     Not thread-safe: give each worker thread its own Fetcher. Every failure is one of the
-    `operators.errors` types, with a one-line message that never contains URL credentials
+    `synthwatch.errors` types, with a one-line message that never contains URL credentials
     or signature query values.
     """
 
@@ -92,7 +113,13 @@ class Fetcher:
         self._embedded = embedded
         self._s3 = s3_client
         self._networks = netguard.parse_networks(settings.allow_networks)
-        self._client = netguard.guarded_client(settings)
+        self._client = netguard.guarded_client(
+            allow_private=settings.allow_private,
+            allow_networks=settings.allow_networks,
+            user_agent=settings.user_agent,
+            timeout_s=settings.timeout_s,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -114,12 +141,12 @@ class Fetcher:
         Raises:
             InvalidRef: unusable reference (scheme, credentials, local path outside embedded mode).
             RefusedAddress: the destination, or a redirect's, is not an allowed address.
-            FetchFailed: HTTP/S3 error or broken transfer; `transient` says if a retry may help.
+            FetchFailed: HTTP/S3 error or broken transfer; `permanent` says if a retry may help.
             FetchTimeout: the whole transfer exceeded `timeout_s`.
             TooLarge: more than `max_bytes` decoded bytes.
             UnsupportedMedia: the bytes are not a format we decode.
         """
-        shown = netguard.redact_url(url)
+        shown = redact_url(url)
         try:
             scheme = urllib.parse.urlsplit(url).scheme.lower()
         except ValueError:
@@ -143,7 +170,7 @@ class Fetcher:
 
         Raises InvalidRef and RefusedAddress as `fetch` does.
         """
-        shown = netguard.redact_url(url)
+        shown = redact_url(url)
         try:
             parts = urllib.parse.urlsplit(url)
         except ValueError:
@@ -187,7 +214,7 @@ class Fetcher:
                     target = netguard.check_url(
                         current, allow_private=s.allow_private, allow_networks=self._networks
                     )
-                    shown = netguard.redact_url(current)
+                    shown = redact_url(current)
                     with self._open(target, shown, deadline) as response:
                         if response.status_code in _REDIRECT_STATUSES:
                             previous, current = current, self._redirect_target(response, shown)
@@ -198,12 +225,12 @@ class Fetcher:
                     if previous is None:
                         raise
                     # The user only sees the URL they submitted; name the hop that led here.
-                    where = netguard.redact_url(previous)
+                    where = redact_url(previous)
                     raise type(exc)(f"{exc} (redirected from {where})") from None
         raise FetchFailed(
-            f"fetch of {netguard.redact_url(url)} failed: more than {s.max_redirects} redirects "
+            f"fetch of {redact_url(url)} failed: more than {s.max_redirects} redirects "
             "(SYNTHWATCH_FETCH__MAX_REDIRECTS)",
-            transient=False,
+            permanent=True,
         )
 
     @contextlib.contextmanager
@@ -239,7 +266,7 @@ class Fetcher:
             return FetchFailed(
                 f"fetch of {shown} failed: no connection within "
                 f"{self._settings.connect_timeout_s:g} s",
-                transient=True,
+                permanent=False,
             )
         if isinstance(exc, httpx.TimeoutException):
             return FetchTimeout(
@@ -249,7 +276,7 @@ class Fetcher:
         if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
             return InvalidRef(f"refused {shown}: malformed URL")
         # The exception text comes from the socket layer and names no URL.
-        return FetchFailed(f"fetch of {shown} failed: {type(exc).__name__}: {exc}", transient=True)
+        return FetchFailed(f"fetch of {shown} failed: {type(exc).__name__}: {exc}", permanent=False)
 
     @staticmethod
     def _redirect_target(response: httpx.Response, shown: str) -> str:
@@ -257,7 +284,7 @@ class Fetcher:
         if not location:
             raise FetchFailed(
                 f"fetch of {shown} failed: HTTP {response.status_code} without a Location",
-                transient=False,
+                permanent=True,
             )
         try:
             return str(response.url.join(location))
@@ -269,23 +296,23 @@ class Fetcher:
         status = response.status_code
         if 200 <= status < 300:
             return
-        transient = status >= 500 or status in (408, 429)
+        retryable = status >= 500 or status in (408, 429)
         raise FetchFailed(
             f"fetch of {shown} failed: HTTP {status} {response.reason_phrase}".rstrip(),
-            transient=transient,
+            permanent=not retryable,
         )
 
     def _receive(
         self, response: httpx.Response, final_url: str, dest_dir: Path, deadline: float
     ) -> Fetched:
-        shown = netguard.redact_url(final_url)
+        shown = redact_url(final_url)
         # Several Content-Encoding lines arrive joined with ", ", as stacked encodings.
         encoding = response.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in _ACCEPTED_ENCODINGS:
             raise FetchFailed(
                 f"fetch of {shown} failed: unsupported Content-Encoding {encoding!r} "
                 "(synthwatch asks for identity and decodes only gzip or deflate)",
-                transient=False,
+                permanent=True,
             )
         if encoding in ("", "identity"):
             # Content-Length counts wire bytes, so it only proves "too large" when nothing
@@ -299,7 +326,7 @@ class Fetcher:
     # --- s3:// -------------------------------------------------------------------------
 
     def _fetch_s3(self, url: str, dest_dir: Path) -> Fetched:
-        shown = netguard.redact_url(url)
+        shown = redact_url(url)
         if self._s3 is None:
             raise InvalidRef(
                 f"refused {shown}: s3:// references need object-store credentials; "
@@ -315,7 +342,7 @@ class Fetcher:
         except ClientError as exc:
             raise self._s3_error(exc, shown) from None
         except BotoCoreError as exc:
-            raise FetchFailed(f"fetch of {shown} failed: {exc}", transient=True) from None
+            raise FetchFailed(f"fetch of {shown} failed: {exc}", permanent=False) from None
         body = obj["Body"]
         try:
             self._check_declared_size(obj.get("ContentLength"), shown)
@@ -323,7 +350,7 @@ class Fetcher:
         except ClientError as exc:
             raise self._s3_error(exc, shown) from None
         except BotoCoreError as exc:
-            raise FetchFailed(f"fetch of {shown} failed: {exc}", transient=True) from None
+            raise FetchFailed(f"fetch of {shown} failed: {exc}", permanent=False) from None
         finally:
             body.close()
 
@@ -336,12 +363,12 @@ class Fetcher:
             400 <= status < 500 and status not in (408, 429)
         )
         what = code or f"HTTP {status}"
-        return FetchFailed(f"fetch of {shown} failed: S3 {what}", transient=not permanent)
+        return FetchFailed(f"fetch of {shown} failed: S3 {what}", permanent=permanent)
 
     # --- local files (embedded mode) ---------------------------------------------------
 
     def _fetch_local(self, ref: str, *, is_uri: bool) -> Fetched:
-        shown = netguard.redact_url(ref) if is_uri else ref
+        shown = redact_url(ref) if is_uri else ref
         resolved = self._local_path(ref, is_uri=is_uri, shown=shown)
         # O_NONBLOCK so that a FIFO swapped in after resolve() cannot block the open;
         # fstat on the open descriptor is the check that counts.
@@ -521,7 +548,7 @@ def _inflate(raw: Iterable[bytes], encoding: str, shown: str) -> Iterator[bytes]
         # cut before it would otherwise be stored as if it were whole.
         raise FetchFailed(
             f"fetch of {shown} failed: the {encoding} body ends before its end-of-stream marker",
-            transient=True,
+            permanent=False,
         )
 
 
@@ -531,7 +558,7 @@ def _inflate_piece(inflater: zlib._Decompress, data: bytes, shown: str) -> Itera
             if data or inflater.unused_data:
                 raise FetchFailed(
                     f"fetch of {shown} failed: bytes follow the end of the compressed body",
-                    transient=False,
+                    permanent=True,
                 )
             return
         try:
@@ -539,7 +566,7 @@ def _inflate_piece(inflater: zlib._Decompress, data: bytes, shown: str) -> Itera
         except zlib.error:
             raise FetchFailed(
                 f"fetch of {shown} failed: the body does not decode as its Content-Encoding",
-                transient=False,
+                permanent=True,
             ) from None
         if out:
             yield out

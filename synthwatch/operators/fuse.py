@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from msgspec.structs import replace
 
 from synthwatch.operators.calibrate import Calibration, logit
-from synthwatch.schemas import Decision, FrameResult, Modality, Segment, Signal
+from synthwatch.schemas import Decision, Modality, Segment, Signal
 
 FUSED_MODALITIES: tuple[Modality, ...] = ("face", "image", "audio", "metadata")
 NOT_PROBABILITIES = frozenset({"ela", "residual_spectrum", "spectral_grid"})
@@ -133,15 +133,6 @@ def combine(signals: Sequence[Signal], *, prior: float = 0.5) -> Fused:
         minimum=minimum,
         decided_by=strongest + [n for n in floors if n not in strongest],
     )
-
-
-def aggregate(frames: Sequence[FrameResult], duration_s: float) -> tuple[float, list[Segment]]:
-    """(synthetic score in [0, 1], segments that drove it, in time order).
-
-    No frames means nothing was scored: score 0.0 with no segments; the caller
-    records why.
-    """
-    return aggregate_scores([f.time_s for f in frames], [f.score for f in frames], duration_s)
 
 
 def aggregate_scores(

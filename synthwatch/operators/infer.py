@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from synthwatch.operators.errors import ModelUnavailable
+from synthwatch.errors import ModelUnavailable
 
 BackendName = Literal["auto", "onnxruntime", "torch", "tensorrt"]
 Batch = npt.NDArray[np.float32]

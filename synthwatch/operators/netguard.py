@@ -19,7 +19,6 @@ import re
 import socket
 import time
 import typing
-import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -30,8 +29,8 @@ import httpx
 # httpcore's own socket stream (read/write/TLS/is_readable); only its constructor is used.
 from httpcore._backends.sync import SyncStream
 
-from synthwatch.operators.errors import InvalidRef, RefusedAddress
-from synthwatch.pipeline.settings import FetchSettings
+from synthwatch.errors import InvalidRef, RefusedAddress
+from synthwatch.operators.redact import redact_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -293,56 +292,6 @@ def parse_host(host: str) -> IPAddress | None:
     return None
 
 
-# Presigned S3/GCS/Azure/CloudFront URLs and API tokens carry their secret in the query.
-_SENSITIVE_PARAM = re.compile(
-    r"sig|token|key|secret|pass|auth|credential|session|policy|x-amz-|x-goog-|code",
-    re.IGNORECASE,
-)
-# "user:pass@" where the password holds an unescaped "/", "?" or "#": a URL parser ends the
-# authority there, so the netloc shows no "@" and the secret would be shown as host, port,
-# path or query. Matched on the raw text, from just after "scheme:" to the first "@".
-_LOOSE_USERINFO = re.compile(r"^(?P<lead>[a-z][a-z0-9+.-]*:[/\\]*)[^/\\?#@]*:[^@]*@", re.I)
-
-
-def redact_url(url: str) -> str:
-    """`url` safe to log or show: no credentials, no signature-like query values, no fragment.
-
-    Errs towards hiding: a URL whose text looks like it carries "user:password@", even a
-    malformed one, loses everything before that "@".
-    """
-    url = _LOOSE_USERINFO.sub(r"\g<lead>***@", url, count=1)
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    # Servers split on ";" as well as "&" and decode names, so `%73ig=` means `sig=`.
-    pieces = re.split(r"([&;])", parts.query)
-    for i, item in enumerate(pieces):
-        name, sep, _value = item.partition("=")
-        if sep and _SENSITIVE_PARAM.search(urllib.parse.unquote_plus(name)):
-            pieces[i] = f"{name}=REDACTED"
-    shown = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "".join(pieces), ""))
-    # When the loose "user:password@" match swallowed the real "?" (an "@" in a query
-    # value: GCS's GoogleAccessId is an e-mail address), the pairs after it sit in what
-    # the parser calls the host or path: redact name=value pairs wherever they are.
-    return _PAIR.sub(_redact_pair, shown)
-
-
-_PAIR = re.compile(r"(?<=[?&;@])(?P<name>[^=&;?#/@\s]+)=(?P<value>[^&;#\s]*)")
-
-
-def _redact_pair(m: re.Match[str]) -> str:
-    name = m.group("name")
-    if m.group("value") == "REDACTED" or not _SENSITIVE_PARAM.search(
-        urllib.parse.unquote_plus(name)
-    ):
-        return m.group(0)
-    return f"{name}=REDACTED"
-
-
 def check_url(
     url: str, *, allow_private: bool, allow_networks: tuple[Network, ...] = ()
 ) -> httpx.URL:
@@ -592,7 +541,15 @@ def _redact_transport_logs() -> None:
             logger.addFilter(_REDACT_URLS)
 
 
-def guarded_client(settings: FetchSettings, *, resolver: Resolver | None = None) -> httpx.Client:
+def guarded_client(
+    *,
+    allow_private: bool = False,
+    allow_networks: Iterable[str] = (),
+    user_agent: str = "synthwatch",
+    timeout_s: float = 120.0,
+    connect_timeout_s: float = 10.0,
+    resolver: Resolver | None = None,
+) -> httpx.Client:
     """An httpx client whose every connection goes through `GuardedBackend`.
 
     No environment proxies (a proxy would make the connect-time check judge the proxy,
@@ -602,8 +559,8 @@ def guarded_client(settings: FetchSettings, *, resolver: Resolver | None = None)
     """
     _redact_transport_logs()
     backend = GuardedBackend(
-        allow_private=settings.allow_private,
-        allow_networks=parse_networks(settings.allow_networks),
+        allow_private=allow_private,
+        allow_networks=parse_networks(allow_networks),
         resolver=resolver,
     )
     # httpx 0.28's HTTPTransport has no network_backend argument; its pool is built in
@@ -624,6 +581,6 @@ def guarded_client(settings: FetchSettings, *, resolver: Resolver | None = None)
         transport=transport,
         trust_env=False,
         follow_redirects=False,
-        headers={"User-Agent": settings.user_agent},
-        timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+        headers={"User-Agent": user_agent},
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
     )

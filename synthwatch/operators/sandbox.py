@@ -80,18 +80,18 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from synthwatch.operators import errors as errors_mod
+from synthwatch import errors as errors_mod
+from synthwatch.errors import CorruptMedia, LimitExceeded, SynthwatchError
+from synthwatch.models.speech import SAMPLE_RATE
 from synthwatch.operators import sample as sample_op
-from synthwatch.operators.errors import CorruptMedia, LimitExceeded, SynthwatchError
 from synthwatch.operators.sample import (
-    AUDIO_RATE,
     MAX_SIDE,
     Frame,
     MediaInfo,
     Sampled,
+    SampleSettings,
     register_plugins,
 )
-from synthwatch.pipeline.settings import SampleSettings
 
 log = structlog.get_logger("synthwatch.sandbox")
 
@@ -132,7 +132,7 @@ def sample(path: Path, settings: SampleSettings, *, media_type: str | None = Non
     if not settings.isolate:
         return sample_op.sample(path, settings, media_type=media_type)
     frames = settings.max_frames * MAX_SIDE * MAX_SIDE * 3
-    audio = math.ceil(settings.max_audio_s * AUDIO_RATE) * 4
+    audio = math.ceil(settings.max_audio_s * SAMPLE_RATE) * 4
     return run(
         sample_op.sample,
         (Path(path), settings),

@@ -72,7 +72,7 @@ from typing import Any, Literal, get_args
 import msgspec
 
 import synthwatch
-from synthwatch.pipeline.logging import redact_urls
+from synthwatch.operators.redact import redact_urls
 from synthwatch.schemas import Alert, Decision, encode
 
 Format = Literal["native", "ocsf", "splunk_hec"]

@@ -42,6 +42,10 @@ EXTENSIONS: dict[str, str] = {
 }
 """File extension for each MIME type `sniff` can return (decoders probe better with one)."""
 
+MEDIA_SUFFIXES = frozenset(EXTENSIONS.values()) | {".jpeg", ".tif", ".m4v", ".oga", ".opus"}
+"""File names `scan DIR` picks up: every extension above and its common aliases. What a
+file is, is still decided by its bytes."""
+
 # ISO-BMFF brands (ftyp box). Image brands win over video brands because HEIF/AVIF files
 # usually also list generic ISO brands such as `mif1` or `iso8`.
 _IMAGE_BRANDS: dict[bytes, str] = {

@@ -59,15 +59,39 @@ from typing import Literal
 
 import httpx
 import structlog
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 import synthwatch
+from synthwatch.errors import DeliveryFailed, InvalidInput
 from synthwatch.operators.backoff import backoff
-from synthwatch.operators.errors import InvalidInput, SynthwatchError
-from synthwatch.operators.netguard import redact_url
+from synthwatch.operators.redact import REDACTED, redact_url, redact_urls
 from synthwatch.operators.siem import Format, format_alert
-from synthwatch.pipeline.logging import REDACTED, redact_urls
-from synthwatch.pipeline.settings import SinkSettings
 from synthwatch.schemas import Alert
+
+
+class SinkSettings(BaseModel):
+    """The alert sink (`synthwatch worker --role sink`): reads `media.alerts` and POSTs
+    each alert to a webhook (a SOAR, a ticketing system, Splunk's HTTP Event Collector)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = None
+    """Where alerts are POSTed; the sink role refuses to start without it."""
+    format: Literal["native", "ocsf", "splunk_hec"] = "ocsf"
+    """native: the alert.v2 record; ocsf: an OCSF Detection Finding (class 2004);
+    splunk_hec: an HEC event envelope around the OCSF finding."""
+    secret: SecretStr | None = None
+    """HMAC-SHA256 key for the signature header; unsigned when unset."""
+    splunk_token: SecretStr | None = None
+    """HEC token, sent as `Authorization: Splunk <token>` (splunk_hec only)."""
+    splunk_index: str | None = None
+    splunk_sourcetype: str = "synthwatch:alert"
+    max_attempts: int = 6
+    """Delivery attempts per alert before it is dead-lettered (reason `delivery`)."""
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 10.0
+
 
 Outcome = Literal["delivered", "retried", "dead_lettered"]
 
@@ -81,29 +105,6 @@ RETRYABLE_STATUS = frozenset({408, 429})
 _BODY_SNIPPET_CHARS = 200
 _BODY_READ_BYTES = 4096
 _DIGITS = re.compile(r"[0-9]+")
-
-
-class DeliveryFailed(SynthwatchError):
-    """An alert could not be delivered to the sink's endpoint: a permanent refusal (4xx,
-    a redirect) or every attempt failed. Permanent for `is_permanent`: the sink retried
-    already, so the alert is dead-lettered (reason `delivery`, stage `sink`)."""
-
-    reason = "delivery"
-    permanent = True
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        alert_id: str,
-        status: int | None,
-        attempts: tuple[Attempt, ...],
-    ) -> None:
-        super().__init__(message)
-        self.alert_id = alert_id
-        self.status = status
-        """The last response's HTTP status; None when the last attempt got no response."""
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -27,7 +24,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from synthwatch.operators.errors import ConfigError, SynthwatchError
+from synthwatch.errors import ConfigError, SynthwatchError
+from synthwatch.pipeline.scan import (
+    ScanResult,
+    exit_on_next_interrupt,
+    expand_sources,
+    scan_all,
+    shown_source,
+)
 from synthwatch.pipeline.settings import Settings
 
 app = typer.Typer(
@@ -53,36 +57,6 @@ out = Console()
 P = ParamSpec("P")
 R = TypeVar("R")
 
-MEDIA_SUFFIXES = frozenset(
-    [
-        ".jpg",
-        ".jpeg",
-        ".png",
-        ".gif",
-        ".webp",
-        ".bmp",
-        ".tif",
-        ".tiff",
-        ".heic",
-        ".avif",
-        ".mp4",
-        ".m4v",
-        ".mov",
-        ".mkv",
-        ".webm",
-        ".avi",
-        ".3gp",
-        ".mp3",
-        ".wav",
-        ".flac",
-        ".ogg",
-        ".oga",
-        ".opus",
-        ".m4a",
-        ".aac",
-    ]
-)
-
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn the errors a user can cause into one line on stderr and exit code 2."""
@@ -107,14 +81,6 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def _shown(source: str) -> str:
-    """A source as output may show it: URLs lose credentials and signatures; local
-    paths are left exactly as the user typed them."""
-    from synthwatch.operators.netguard import redact_url
-
-    return redact_url(source) if "://" in source else source
 
 
 FLAGS = {
@@ -165,142 +131,6 @@ def _named(flag: str, _loc: tuple[str | int, ...]) -> str:
     return flag
 
 
-def expand_sources(sources: list[str]) -> list[str]:
-    """Directories expand to the media files below them (by suffix, sorted); files and
-    URLs pass through unchanged, so naming a file always scans it."""
-    expanded: list[str] = []
-    for src in sources:
-        path = Path(src)
-        if "://" not in src and path.is_dir():
-            expanded.extend(
-                str(p)
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES
-            )
-        else:
-            expanded.append(src)
-    return expanded
-
-
-@dataclass
-class ScanResult:
-    source: str
-    record: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    reason: str | None = None
-    verdict: Any = None
-    """The Verdict, when the item was analysed."""
-
-
-def scan_all(
-    settings: Settings,
-    sources: list[str],
-    *,
-    store: Any = None,
-    workers: int = 2,
-    on_result: Callable[[ScanResult], None] = lambda _r: None,
-) -> list[ScanResult]:
-    """Fetch and analyse every source with one engine (crops of concurrent items share
-    batches); with a store, write evidence bundles for alerting items. One item's
-    failure, even a bug, is recorded in its result and never loses the others.
-
-    Every source is checked first (a missing file, a refused address), before any model
-    is loaded: when none is usable the answer comes at once. `on_result` sees the
-    results in the order of `sources`.
-    """
-    from synthwatch.operators.fetch import Fetcher
-
-    results: list[ScanResult] = [ScanResult(source=s) for s in sources]
-    with Fetcher(settings.fetch, embedded=True) as fetcher:
-        for res in results:
-            try:
-                fetcher.precheck(res.source)
-            except SynthwatchError as exc:
-                res.error, res.reason = str(exc), exc.reason
-    todo = [r for r in results if r.error is None]
-    if not todo:
-        for res in results:
-            on_result(res)
-        return results
-
-    from synthwatch.pipeline.engine import Engine, Item, decide, sampled_evidence
-
-    with (
-        Engine(settings) as engine,
-        Fetcher(settings.fetch, embedded=True) as fetcher,
-        tempfile.TemporaryDirectory(prefix="synthwatch-") as tmp,
-    ):
-
-        def one(res: ScanResult) -> ScanResult:
-            downloaded: Path | None = None
-            try:
-                fetched = fetcher.fetch(res.source, Path(tmp))
-                if fetched.path.is_relative_to(tmp):
-                    downloaded = fetched.path  # a URL's bytes: ours to delete when done
-                # Verdicts, reports and the --json output may travel: no signatures.
-                item = Item.local(fetched, source=_shown(res.source))
-                analysis = engine.analyze(item)
-                res.verdict = analysis.verdict
-                record: dict[str, Any] = _verdict_json(analysis.verdict)
-                if store is not None:
-                    decided = decide(
-                        analysis.verdict,
-                        functools.partial(sampled_evidence, engine, analysis, fetched.path),
-                        store,
-                        evidence_prefix="",
-                        policy=engine.policy,
-                    )
-                    if decided is not None:
-                        alert, bundle = decided
-                        record["alert_id"] = alert.alert_id
-                        record["evidence"] = bundle.manifest_uri
-                res.record = record
-            except SynthwatchError as exc:
-                res.error, res.reason = str(exc), exc.reason
-            except Exception as exc:  # a bug must not lose the other items' verdicts
-                res.error, res.reason = f"{type(exc).__name__}: {exc}", "internal"
-            finally:
-                if downloaded is not None:
-                    downloaded.unlink(missing_ok=True)
-            return res
-
-        with (
-            _progress() as progress,
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool,
-        ):
-            task = progress.add_task("scanning", total=len(todo))
-            done = pool.map(one, todo)
-            pending = {id(r) for r in todo}
-            try:
-                for res in results:
-                    if id(res) in pending:
-                        next(done)
-                        progress.advance(task)
-                    on_result(res)
-            except KeyboardInterrupt:
-                _drain_on_interrupt(pool)
-                raise
-    return results
-
-
-def _drain_on_interrupt(pool: ThreadPoolExecutor) -> None:
-    """After Ctrl-C: start no more items and wait for the ones in flight, so the engine
-    is closed after its last user and no thread runs torch or ONNX Runtime while the
-    interpreter shuts down. From then on, until the process ends (closing the engine,
-    the decoder children, the atexit hooks), a second Ctrl-C ends it at once (exit 130)
-    without running finalisers: every verdict line already written is whole and
-    flushed, and a hard exit cannot corrupt what a shutdown racing live threads can."""
-    _exit_on_next_interrupt()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _exit_on_next_interrupt() -> None:
-    """From now on Ctrl-C ends the process at once with exit code 130, skipping the
-    interpreter's shutdown (atexit hooks, finalisers), which an interrupt would
-    otherwise break off with a traceback."""
-    signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(130))
-
-
 @app.command()
 @user_errors
 def scan(
@@ -321,7 +151,7 @@ def scan(
 ) -> None:
     """Scan local files or URLs in this process (no broker) and print the verdicts."""
     from synthwatch.operators.store import LocalStore
-    from synthwatch.pipeline import logging as sw_logging
+    from synthwatch.pipeline import logs
 
     settings = load_settings(
         models__backend=backend,
@@ -330,7 +160,7 @@ def scan(
     )
     if workers < 1:
         raise ConfigError(f"--workers: must be at least 1 (got {workers})")
-    sw_logging.configure("WARNING", settings.log_json)
+    logs.configure("WARNING", settings.log_json)
     items = expand_sources(sources)
     if not items:
         err.print("[bold red]error[/]: nothing to scan (no media files found)")
@@ -346,7 +176,7 @@ def scan(
                 res.record
                 if res.error is None
                 else {
-                    "source": _shown(res.source),
+                    "source": shown_source(res.source),
                     "error": res.reason,
                     "message": res.error,
                 }
@@ -355,7 +185,16 @@ def scan(
             json_fh.flush()
 
     try:
-        results = scan_all(settings, items, store=store, workers=workers, on_result=write)
+        with _progress() as progress:
+            task = progress.add_task("scanning", total=None)
+            results = scan_all(
+                settings,
+                items,
+                store=store,
+                workers=workers,
+                on_result=write,
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
     except KeyboardInterrupt:
         # The items in flight are done and every line written is flushed: leave at once
         # rather than through an interpreter shutdown a second Ctrl-C could break off.
@@ -365,7 +204,7 @@ def scan(
         os._exit(130)
     # Every verdict is written and the engine closed: an interrupt now could only cut
     # the shutdown short, so it ends the process cleanly instead.
-    _exit_on_next_interrupt()
+    exit_on_next_interrupt()
     if json_fh is not None and json_fh is not sys.stdout:
         json_fh.close()
     _print_table(results, to_stderr=json_out == "-")
@@ -388,14 +227,6 @@ def _check_writable_dir(path: Path, option: str) -> None:
             probe.flush()
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
-
-
-def _verdict_json(verdict: Any) -> dict[str, Any]:
-    from synthwatch.schemas import to_builtins
-
-    record = to_builtins(verdict)
-    record.pop("type", None)
-    return record
 
 
 def _open_json(json_out: str | None) -> Any:
@@ -453,9 +284,6 @@ def _print_table(results: list[ScanResult], *, to_stderr: bool) -> None:
     (err if to_stderr else out).print(table)
 
 
-Role = Literal["fetch", "detect", "decide", "sink", "all"]
-
-
 @app.command()
 @user_errors
 def worker(
@@ -466,8 +294,7 @@ def worker(
     allow_missing_models: AllowMissing = False,
 ) -> None:
     """Run a streaming worker for one role (or all) against Kafka and S3."""
-    from synthwatch.pipeline import logging as sw_logging
-    from synthwatch.pipeline import topology
+    from synthwatch.pipeline import logs, topology
 
     if role not in ("fetch", "detect", "decide", "sink", "all"):
         err.print(
@@ -475,7 +302,7 @@ def worker(
         )
         raise typer.Exit(2)
     settings = load_settings(models__allow_missing=True if allow_missing_models else None)
-    sw_logging.configure(settings.log_level, settings.log_json)
+    logs.configure(settings.log_level, settings.log_json)
     topology.run_worker(settings, role)  # type: ignore[arg-type]
 
 
@@ -669,10 +496,11 @@ def _scan_labelled(
     """Scan every item of the label files; (scored items, `name (sha256)` of each file).
     With `geometry`, stills are scanned as `ev.normalise_geometry` copies."""
     from synthwatch.pipeline import evaluate as ev
-    from synthwatch.pipeline import logging as sw_logging
+    from synthwatch.pipeline import logs
+    from synthwatch.train.labels import read_labels
 
-    sw_logging.configure("WARNING", settings.log_json)
-    labelled = [item for f in label_files for item in ev.read_labels(f)]
+    logs.configure("WARNING", settings.log_json)
+    labelled = [item for f in label_files for item in read_labels(f)]
     with tempfile.TemporaryDirectory(prefix="synthwatch-geometry-") as tmp:
         sources = [
             str(ev.normalise_geometry(i.path, Path(tmp) / f"{n}.png", geometry))
@@ -761,13 +589,14 @@ def eval_cmd(
 ) -> None:
     """Scan labelled media and report AUC, EER, precision/recall/FPR per media type."""
     from synthwatch.models.registry import ModelStore
+    from synthwatch.operators.policy import Policy
     from synthwatch.pipeline import evaluate as ev
-    from synthwatch.pipeline.engine import build_policy, load_calibration
+    from synthwatch.pipeline.engine import load_calibration
 
     settings = load_settings(models__allow_missing=True if allow_missing_models else None)
     scored, fitted_on = _scan_labelled(settings, labels, workers, geometry)
     calibration, _ = load_calibration(settings.models)
-    policy = build_policy(settings)
+    policy = Policy.from_settings(settings.policy)
     # Items our own models were trained on score better than unseen ones: mark them.
     used = {sig.model.split("@")[0] for s in scored if s.verdict for sig in s.verdict.signals}
     splits = ev.training_splits(ModelStore(settings.model_dir), used)
@@ -935,7 +764,7 @@ def train(
     (its report holds every item's out-of-fold score).
     """
     from synthwatch.models.registry import MOBILENET_V2, ModelStore
-    from synthwatch.pipeline import logging as sw_logging
+    from synthwatch.pipeline import logs
     from synthwatch.pipeline.engine import load_face_detector
     from synthwatch.train import train_fingerprint, train_sbi
 
@@ -946,7 +775,7 @@ def train(
     if model != "scene" and not real:
         raise ConfigError(f"{model} needs --real")
     settings = load_settings()
-    sw_logging.configure(settings.log_level, settings.log_json)
+    logs.configure(settings.log_level, settings.log_json)
     store = ModelStore(settings.model_dir)
     if model == "scene":
         from synthwatch.train.scene import train_scene

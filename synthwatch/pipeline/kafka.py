@@ -16,17 +16,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from opentelemetry.trace import SpanKind
 
-from synthwatch.operators.errors import SynthwatchError
+from synthwatch.errors import BrokerUnavailable, SynthwatchError
 from synthwatch.pipeline import tracing
 from synthwatch.pipeline.settings import KafkaSettings, Settings
 from synthwatch.schemas import DeadLetter, MediaRef, decode, encode
-
-
-class BrokerUnavailable(SynthwatchError):
-    """The Kafka broker could not be reached or refused the request."""
-
-    reason = "broker"
-    permanent = False
 
 
 def client_kwargs(k: KafkaSettings) -> dict[str, Any]:

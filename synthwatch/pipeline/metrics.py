@@ -92,6 +92,12 @@ OLDEST_IN_FLIGHT = Gauge(
     "commits back.",
     ["stage"],
 )
+DLQ_GUARD_TRIPPED = Gauge(
+    "synthwatch_dlq_guard_tripped",
+    "1 when the stage stopped because it dead-lettered too many records for reasons that "
+    "blame a deploy (routing.DlqLimit); the worker needs a restart after the fix.",
+    ["stage"],
+)
 DEPENDENCY_UP = Gauge(
     "synthwatch_dependency_up",
     "1 when the dependency (kafka, s3, sink) answered its last probe, else 0.",

@@ -18,7 +18,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from synthwatch.operators.errors import ConfigError
+from synthwatch.errors import ConfigError
+from synthwatch.operators.fetch import FetchSettings
+from synthwatch.operators.policy import PolicySettings
+from synthwatch.operators.sample import SampleSettings
+from synthwatch.operators.store import S3Settings
+from synthwatch.operators.webhook import SinkSettings
 
 
 def _default_model_dir() -> Path:
@@ -27,62 +32,6 @@ def _default_model_dir() -> Path:
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class FetchSettings(_Frozen):
-    allow_private: bool = False
-    """Allow loopback/private/link-local destinations. Only for trusted deployments and tests."""
-    allow_networks: tuple[str, ...] = ()
-    """CIDRs allowed although not public (e.g. an internal media server, `10.20.0.0/16`):
-    narrower than `allow_private`, which opens every non-public range at once."""
-    max_bytes: int = 512 * 1024 * 1024
-    """Cap on decoded (not wire) body bytes."""
-    timeout_s: float = 120.0
-    """Cap on the whole transfer, redirects included."""
-    connect_timeout_s: float = 10.0
-    max_redirects: int = 5
-    user_agent: str = "synthwatch/0.1 (+https://github.com/synthwatch/synthwatch)"
-
-
-class SampleSettings(_Frozen):
-    frames: int = Field(default=16, ge=1)
-    """Frames per video item, spread evenly over the duration."""
-    seconds_per_frame: float | None = None
-    """If set, one frame every k seconds (capped by max_frames) instead of `frames` per item."""
-    mode: Literal["exact", "keyframes", "adaptive"] = "adaptive"
-    """adaptive (default): a keyframe for each target that has one of its own within half
-    the target spacing (so every frame still lies in its target's slice of the duration),
-    exact frames for the rest: keyframe-cheap on short GOPs, about exact seek's cost on
-    long ones; 22x cheaper per frame than a full decode on a 1080p clip with a keyframe a
-    second (benchmarks/bench_sampling.py). exact: seek or decode forward to each target
-    time. keyframes: keyframes only, topped up with exact targets when they are too few.
-
-    Exact was the default until it turned out that its better dev-set score was the face
-    model recognising its own training frames: sbi_face was trained on the 16 evenly
-    spaced frames that exact mode draws from the dev clips, and with 15 or 17 frames
-    (frames it never saw) exact's raw video AUC fell from 0.865 to 0.73 and 0.69, as low
-    as adaptive's 0.75 on the same 15 targets (docs/EVALUATION.md)."""
-    max_frames: int = Field(default=64, ge=1)
-    max_pixels: int = Field(default=8192 * 8192, ge=1)
-    """Decoded pixels per frame. A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale (up
-    to 64x this); other formats over it are refused, as video frames are."""
-    max_streams: int = Field(default=16, ge=1)
-    max_duration_s: float = Field(default=4 * 3600.0, gt=0)
-    """Only this much of a longer video is indexed and sampled (the verdict says so)."""
-    max_decode_s: float = Field(default=60.0, gt=0)
-    max_image_frames: int = Field(default=2000, ge=1)
-    """Only this many frames of a longer animation are sampled (the verdict says so)."""
-    audio: bool = True
-    max_audio_s: float = Field(default=600.0, gt=0)
-    """Only this much of a longer audio track is decoded (the verdict says so)."""
-    isolate: bool = True
-    """Decode in a child process (operators/sandbox.py) with the caps below and a hard
-    deadline, so a decoder crash, hang or memory blow-up fails the item, not the worker.
-    Off only to profile the decoder itself."""
-    max_memory_mb: int = 2048
-    """Address-space cap (RLIMIT_AS) of the decoding child, its ~300 MB of libraries
-    included. Measured peaks: 64 frames of 1080p 0.7 GB; a still at `max_pixels` 0.9 GB
-    (PNG) to 1.4 GB (WebP with alpha)."""
 
 
 class ModelSettings(_Frozen):
@@ -135,15 +84,6 @@ class ModelSettings(_Frozen):
     threads: int = Field(default=2, ge=1)
     face_min_size: int = 40
     face_threshold: float = 0.9
-
-
-class PolicySettings(_Frozen):
-    version: str = "policy.v1"
-    flag_threshold: float = Field(default=0.8, ge=0, le=1)
-    review_threshold: float = Field(default=0.5, ge=0, le=1)
-    alert_on: tuple[Literal["flag", "review", "inconclusive"], ...] = ("flag", "review")
-    """Decisions that get an evidence bundle and an alert. Add `inconclusive` to have a
-    person look at every item the detectors could not score."""
 
 
 class KafkaSettings(_Frozen):
@@ -203,28 +143,15 @@ class RetrySettings(_Frozen):
     outage_backoff_max_s: float = 30.0
     """While our own store is unreachable the stage pauses (it does not burn the record's
     attempts on our outage) and probes again at most this far apart."""
-
-
-class SinkSettings(_Frozen):
-    """The alert sink (`synthwatch worker --role sink`): reads `media.alerts` and POSTs
-    each alert to a webhook (a SOAR, a ticketing system, Splunk's HTTP Event Collector)."""
-
-    url: str | None = None
-    """Where alerts are POSTed; the sink role refuses to start without it."""
-    format: Literal["native", "ocsf", "splunk_hec"] = "ocsf"
-    """native: the alert.v2 record; ocsf: an OCSF Detection Finding (class 2004);
-    splunk_hec: an HEC event envelope around the OCSF finding."""
-    secret: SecretStr | None = None
-    """HMAC-SHA256 key for the signature header; unsigned when unset."""
-    splunk_token: SecretStr | None = None
-    """HEC token, sent as `Authorization: Splunk <token>` (splunk_hec only)."""
-    splunk_index: str | None = None
-    splunk_sourcetype: str = "synthwatch:alert"
-    max_attempts: int = 6
-    """Delivery attempts per alert before it is dead-lettered (reason `delivery`)."""
-    backoff_s: float = 1.0
-    backoff_max_s: float = 60.0
-    timeout_s: float = 10.0
+    dlq_limit_consecutive: int = Field(default=50, ge=0)
+    """The DLQ guard (`routing.DlqLimit`): a stage that dead-letters this many records in
+    a row for a reason that blames a deploy (a bug, unusable models or settings, records
+    an upstream stage wrote wrongly, a sink refusing every alert) stops instead of
+    draining its partitions into the DLQ; not ready, then not live. 0: no limit."""
+    dlq_limit_ratio: float = Field(default=0.5, ge=0, le=1)
+    """The guard also trips when more than this share of a stage's last
+    `dlq_limit_window` records were dead-lettered that way. 0: no limit."""
+    dlq_limit_window: int = Field(default=100, ge=1)
 
 
 class TracingSettings(_Frozen):
@@ -236,16 +163,6 @@ class TracingSettings(_Frozen):
 class HealthSettings(_Frozen):
     stall_s: float = 600.0
     """Liveness fails when work is pending and no record has finished for this long."""
-
-
-class S3Settings(_Frozen):
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    bucket: str = "synthwatch"
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    blob_prefix: str = "blobs/sha256"
-    evidence_prefix: str = "evidence"
 
 
 class Settings(BaseSettings):

@@ -18,6 +18,11 @@ event loop, so a slow batch cannot cost the consumer its group membership.
 
 Records are read as raw bytes and decoded here, so a poison record (bad JSON, wrong
 schema, null value) becomes a DLQ record instead of a crashed agent.
+
+This module is the flow: the app, its topics and agents, and what each stage does with
+a record. Where a record goes afterwards (sends, in-place retries, the retry topic, the
+DLQ and its guard) is `routing.py`; liveness, readiness, dependency probes and consumer
+lag are `health.py`.
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import itertools
-import random
 import shutil
 import socket
 import tempfile
@@ -38,37 +41,35 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import faust
-import msgspec
 import structlog
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from faust.exceptions import ProducerSendError
 from opentelemetry.trace import Span, StatusCode
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from synthwatch.models.registry import ModelStore
-from synthwatch.operators.backoff import backoff
-from synthwatch.operators.errors import (
+from synthwatch.errors import (
     SchemaInvalid,
     StorageFailed,
     SynthwatchError,
-    TooLarge,
     is_permanent,
 )
+from synthwatch.models.registry import ModelStore
+from synthwatch.operators.alert import alert_with_evidence
+from synthwatch.operators.backoff import backoff
 from synthwatch.operators.evidence import EvidenceFrame
+from synthwatch.operators.explainer import Explainer, evidence_frames
 from synthwatch.operators.fetch import Fetcher
-from synthwatch.operators.netguard import redact_url
-from synthwatch.operators.store import LocalHandoff, S3Store, blob_key
+from synthwatch.operators.policy import Policy
+from synthwatch.operators.redact import redact_url
+from synthwatch.operators.store import LocalHandoff, S3Store, blob_key, s3_client
 from synthwatch.operators.webhook import Attempt, WebhookSink
 from synthwatch.pipeline import metrics, tracing
-from synthwatch.pipeline.engine import Engine, Item, build_policy, decide
-from synthwatch.pipeline.explain import Explainer, evidence_frames
+from synthwatch.pipeline.engine import Engine, Item
 from synthwatch.pipeline.faults import FaultPoints
-from synthwatch.pipeline.kafka import client_kwargs
+from synthwatch.pipeline.health import Health
+from synthwatch.pipeline.kafka import client_kwargs, stage_input_topics
 from synthwatch.pipeline.offsets import App as CommitSafeApp
+from synthwatch.pipeline.routing import Router, Stage, attempt_of
 from synthwatch.pipeline.settings import Settings
 from synthwatch.schemas import (
     Alert,
-    DeadLetter,
     FetchedMedia,
     MediaRef,
     Verdict,
@@ -77,108 +78,13 @@ from synthwatch.schemas import (
 )
 
 Role = Literal["fetch", "detect", "decide", "sink", "all"]
-Stage = Literal["fetch", "detect", "decide", "sink"]
-LetterStage = Literal["fetch", "detect", "decide", "sink", "retry"]
-"""Where a record failed: a stage, or the retry agent (a retry record it cannot read)."""
 T = TypeVar("T")
 
 log = structlog.get_logger("synthwatch.topology")
 
-ATTEMPT_HEADER = "synthwatch-attempt"
 HANDOFF_WAIT_S = 30.0
 """--role all: how long a fetch waits for its own detect stage to make room in the local
 hand-off before going ahead anyway (a long analysis must not stall fetching for good)."""
-"""Header on a record re-sent to its stage's topic from the retry topic: how many
-retry-topic attempts it has had."""
-ORIGINAL_MAX_CHARS = 900_000
-"""Cap on the consumed record kept in a retry or DLQ record (Kafka's default message
-limit is 1 MB); pipeline records are far smaller, so a replay gets them whole."""
-
-
-class Watchdog:
-    """Progress tracking for liveness: stalled means work is pending and none finished
-    for `stall_s`. Idle is not stalled, and neither is a stage paused for an outage (it
-    beats on every probe): a restart would not bring a dependency back."""
-
-    def __init__(self, stall_s: float) -> None:
-        self.stall_s = stall_s
-        self.in_flight = 0
-        self.last = time.monotonic()
-
-    def started(self) -> None:
-        if self.in_flight == 0:
-            self.last = time.monotonic()
-        self.in_flight += 1
-
-    def finished(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
-        self.last = time.monotonic()
-
-    def beat(self) -> None:
-        self.last = time.monotonic()
-
-    def stalled_for(self) -> float:
-        """Seconds without progress while work is pending; 0.0 when not stalled."""
-        idle = time.monotonic() - self.last
-        return idle if self.in_flight > 0 and idle > self.stall_s else 0.0
-
-
-class InFlight:
-    """When each record a stage is working on was taken, for the age of the oldest.
-
-    The consumer commits no offset past a record in flight (`offsets.py`), so one
-    record stuck in a stage (a hung call, a store outage the stage waits out) holds its
-    partition's commits back while later records keep flowing: consumer lag only creeps
-    up, and a restart redelivers everything after it. The oldest record's age shows it
-    at once (`synthwatch_oldest_in_flight_seconds`)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._taken: dict[str, dict[int, float]] = {}
-        self._tokens = itertools.count()
-
-    def start(self, stage: str) -> int:
-        token = next(self._tokens)
-        self._taken.setdefault(stage, {})[token] = self._clock()
-        return token
-
-    def finish(self, stage: str, token: int) -> None:
-        self._taken.get(stage, {}).pop(token, None)
-
-    def oldest_s(self, stage: str) -> float:
-        """Seconds since the oldest unfinished record of `stage` was taken; 0.0 if none."""
-        taken = self._taken.get(stage)
-        return self._clock() - min(taken.values()) if taken else 0.0
-
-
-def s3_client(settings: Settings) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    s3 = settings.s3
-    return boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key_id.get_secret_value() if s3.access_key_id else None,
-        aws_secret_access_key=(
-            s3.secret_access_key.get_secret_value() if s3.secret_access_key else None
-        ),
-        # A short connect timeout: an unreachable store must read as an outage within
-        # seconds (the stage pauses, readiness turns false), not after a minute per call.
-        # No SHA-256 of each body for the signature: every upload carries a checksum
-        # header that is signed and that the store verifies (the sha256 we record, or
-        # botocore's CRC32), as botocore itself decides over HTTPS. Over the HTTP of a
-        # private store, signing the body costs another pass over every byte: a 90 MB
-        # put to SeaweedFS costs 0.35 CPU-s/GB this way, 1.18 signed with botocore's
-        # CRC32 (benchmarks/bench_store.py).
-        config=Config(
-            retries={"max_attempts": 3, "mode": "standard"},
-            s3={"addressing_style": "path", "payload_signing_enabled": False},
-            connect_timeout=5,
-            read_timeout=60,
-        ),
-    )
 
 
 class Pipeline:
@@ -224,29 +130,34 @@ class Pipeline:
         self.alerts = self._raw_topic(k.topic_alerts)
         self.dlq = self._raw_topic(k.topic_dlq)
         self.retry = self._raw_topic(k.topic_retry)
-        self.stage_topics = {
-            "fetch": self.refs,
-            "detect": self.fetched,
-            "decide": self.verdicts,
-            "sink": self.alerts,
+        by_name = {
+            t.get_topic_name(): t for t in (self.refs, self.fetched, self.verdicts, self.alerts)
         }
+        self.stage_topics = {
+            stage: by_name[name]
+            for stage, name in stage_input_topics(k).items()
+            if stage != "submit"
+        }
+        """The topic each stage consumes, where the retry agent sends a record back."""
         self.pool = ThreadPoolExecutor(
             max_workers=max(2, k.detect_concurrency + k.fetch_concurrency),
             thread_name_prefix="sw-work",
         )
-        # Health probes get their own thread, so readiness stays current while every
-        # work thread is busy with a long decode.
-        self.probe_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sw-probe")
         self.faults = FaultPoints(settings.fault_points)
-        self.watchdog = Watchdog(settings.health.stall_s)
-        self.in_flight = InFlight()
-        self.lag_reported: set[tuple[str, str]] = set()
-        """(topic, partition) label sets of `synthwatch_consumer_lag` this worker serves."""
-        self.down: dict[str, str] = {}
-        """Dependencies found unreachable (name -> why); readiness is false while any is."""
         self.stages: set[Stage] = set()
-        self.store = S3Store(s3_client(settings), settings.s3.bucket)
-        self.policy = build_policy(settings)
+        self.store = S3Store(s3_client(settings.s3), settings.s3.bucket)
+        self.health = Health(
+            stall_s=settings.health.stall_s, bootstrap_servers=k.bootstrap_servers, store=None
+        )
+        self.router = Router(
+            settings.retry,
+            retry=self.retry,
+            dlq=self.dlq,
+            stage_topics=self.stage_topics,
+            health=self.health,
+            blocking=self._blocking,
+        )
+        self.policy = Policy.from_settings(settings.policy)
         self.engine: Engine | None = None
         self.explainer: Explainer | None = None
         self.fetcher: Fetcher | None = None
@@ -300,14 +211,19 @@ class Pipeline:
                 metrics.ITEMS.labels(stage, outcome)
         # Every role reads the retry topic (one consumer group, so each record is read
         # once) and sends each due record back to its stage's input topic.
-        app.agent(self.retry, name="retry")(self._retry_agent)
+        app.agent(self.retry, name="retry")(self.router.retry_agent)
+        if self.uses_store:
+            self.health.store = self.store
+        health = self.health
         # faust turns a page function into a View's `get`, called as (view, request), so
         # these must be plain functions (closures), not bound methods.
-        app.page("/metrics")(_view(self._metrics))
-        app.page("/health/live")(_view(self._live))
-        app.page("/health/ready")(_view(self._ready))
+        app.page("/metrics")(_view(health.metrics_page))
+        app.page("/health/live")(_view(health.live_page))
+        app.page("/health/ready")(
+            _view(lambda view: health.ready_page(view, len(app.consumer.assignment())))
+        )
         app.timer(interval=10.0)(self._update_lag)
-        app.timer(interval=5.0)(self._probe_dependencies)
+        app.timer(interval=5.0)(health.probe_dependencies)
         app.task(self._on_start)
 
     @property
@@ -328,19 +244,17 @@ class Pipeline:
             except Exception as exc:
                 attempt += 1
                 error = f"{type(exc).__name__}: {exc}"[:300]
-                self.down["s3"] = error
-                metrics.DEPENDENCY_UP.labels("s3").set(0)
+                self.health.mark_down("s3", error)
                 log.error(
                     "object store unavailable at start: retrying", error=error, attempt=attempt
                 )
-                self.watchdog.beat()
+                self.health.watchdog.beat()
                 await asyncio.sleep(
                     backoff(attempt, 1.0, self.settings.retry.outage_backoff_max_s) + 0.5
                 )
                 continue
             if attempt:
-                self.down.pop("s3", None)
-                metrics.DEPENDENCY_UP.labels("s3").set(1)
+                self.health.mark_up("s3")
                 log.warning("object store answers again: bucket ready", attempts=attempt + 1)
             return
 
@@ -419,7 +333,12 @@ class Pipeline:
         if self.engine is not None:
             return self.engine.explainer
         if self.explainer is None:
-            self.explainer = Explainer(self.settings, ModelStore(self.settings.model_dir))
+            self.explainer = Explainer(
+                ModelStore(self.settings.model_dir),
+                review_threshold=self.settings.policy.review_threshold,
+                forensics=self.settings.models.forensics,
+                sample=self.settings.sample,
+            )
         return self.explainer
 
     def _decide(self, raw: bytes | None) -> tuple[Any, bytes, bytes] | None:
@@ -433,7 +352,7 @@ class Pipeline:
             with self._local_blob(verdict.blob, verdict.sha256) as path:
                 return evidence_frames(verdict, path, self._explainer())
 
-        decided = decide(
+        decided = alert_with_evidence(
             verdict,
             frames,
             self.store,
@@ -479,22 +398,23 @@ class Pipeline:
     ) -> Callable[[Any], Awaitable[None]]:
         after_send = {"detect": "detect.after_verdict", "decide": "decide.after_alert"}.get(stage)
         # Read at scrape time, so the age keeps growing while the record is stuck.
+        health = self.health
         metrics.OLDEST_IN_FLIGHT.labels(stage).set_function(
-            functools.partial(self.in_flight.oldest_s, stage)
+            functools.partial(health.in_flight.oldest_s, stage)
         )
 
         async def agent(stream: Any) -> None:
             async for event in stream.events():
                 msg = event.message
-                attempt = _attempt(msg)
+                attempt = attempt_of(msg)
                 structlog.contextvars.bind_contextvars(
                     stage=stage, topic=msg.topic, partition=msg.partition, offset=msg.offset
                 )
                 if attempt:
                     structlog.contextvars.bind_contextvars(attempt=attempt)
                 t0 = time.perf_counter()
-                self.watchdog.started()
-                token = self.in_flight.start(stage)
+                health.watchdog.started()
+                token = health.in_flight.start(stage)
                 try:
                     with tracing.span(
                         f"synthwatch.{stage}",
@@ -509,8 +429,8 @@ class Pipeline:
                     ) as span:
                         await self._handle(stage, work, event, attempt, after_send, span)
                 finally:
-                    self.in_flight.finish(stage, token)
-                    self.watchdog.finished()
+                    health.in_flight.finish(stage, token)
+                    health.watchdog.finished()
                     metrics.STAGE_SECONDS.labels(stage).observe(time.perf_counter() - t0)
                     structlog.contextvars.clear_contextvars()
 
@@ -532,20 +452,21 @@ class Pipeline:
             result = await self._run(stage, work, event.value)
             if result is not None:
                 topic, key, value = result
-                await self._send(topic, key, value, tracing.current_headers())
+                await self.router.send(topic, key, value, tracing.current_headers())
                 if after_send is not None and self.faults.armed:
                     self.faults.hit(after_send)
+            self.router.sent_on(stage)
             metrics.ITEMS.labels(stage, "ok").inc()
         except SynthwatchError as exc:
             span.set_status(StatusCode.ERROR, exc.reason)
             if is_permanent(exc):
-                await self._dead_letter(stage, event, exc.reason, str(exc), attempt)
+                await self.router.dead_letter(stage, event, exc.reason, str(exc), attempt)
             else:
-                await self._retry_later(stage, event, exc, attempt)
+                await self.router.retry_later(stage, event, exc, attempt)
         except Exception as exc:  # a bug must not wedge the partition: route it
             span.set_status(StatusCode.ERROR, type(exc).__name__)
             log.exception("unexpected error", error_type=type(exc).__name__)
-            await self._dead_letter(stage, event, "internal", type(exc).__name__, attempt)
+            await self.router.dead_letter(stage, event, "internal", type(exc).__name__, attempt)
 
     async def _run(self, stage: Stage, work: Callable[[bytes | None], T], value: bytes | None) -> T:
         """`work` with in-place retries; while our own store is down, pause and resume.
@@ -558,36 +479,15 @@ class Pipeline:
         """
         while True:
             try:
-                return await self._with_retries(stage, work, value)
+                return await self.router.with_retries(_storage_errors(work), value)
             except StorageFailed as exc:
-                if await self._probe(self._store_up):
+                if await self.health.probe(self.health.store_up):
                     raise
                 await self._wait_for_store(str(exc))
 
-    async def _with_retries(
-        self, stage: Stage, work: Callable[[bytes | None], T], value: bytes | None
-    ) -> T:
-        r = self.settings.retry
-        for attempt in range(1, r.inline_attempts + 1):
-            try:
-                return await self._blocking(_storage_errors(work), value)
-            except SynthwatchError as exc:
-                if is_permanent(exc) or attempt == r.inline_attempts:
-                    raise
-                delay = backoff(attempt, r.inline_backoff_s, r.inline_backoff_max_s)
-                log.warning(
-                    "transient failure, retrying in place",
-                    reason=exc.reason,
-                    error=str(exc)[:300],
-                    attempt=attempt,
-                    delay_s=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
     async def _wait_for_store(self, error: str) -> None:
-        self.down["s3"] = error[:300]
-        metrics.DEPENDENCY_UP.labels("s3").set(0)
+        health = self.health
+        health.mark_down("s3", error)
         log.error("object store unreachable: stage paused until it answers", error=error[:300])
         attempt = 0
         while True:
@@ -595,62 +495,11 @@ class Pipeline:
             await asyncio.sleep(
                 backoff(attempt, 1.0, self.settings.retry.outage_backoff_max_s) + 0.5
             )
-            self.watchdog.beat()  # waiting on a dependency is not a stall
-            if await self._probe(self._store_up):
+            health.watchdog.beat()  # waiting on a dependency is not a stall
+            if await health.probe(health.store_up):
                 break
-        self.down.pop("s3", None)
-        metrics.DEPENDENCY_UP.labels("s3").set(1)
+        health.mark_up("s3")
         log.warning("object store answers again: stage resumed", probes=attempt)
-
-    async def _retry_later(
-        self, stage: Stage, event: Any, exc: SynthwatchError, attempt: int
-    ) -> None:
-        """A transient failure that in-place retries did not cure: the retry topic, or
-        the DLQ once the record has had `retry.topic_attempts` trips through it."""
-        if attempt >= self.settings.retry.topic_attempts:
-            error = f"gave up after {attempt + 1} rounds of attempts: {exc}"
-            await self._dead_letter(stage, event, exc.reason, error, attempt)
-            return
-        record = self._letter(stage, event, exc.reason, str(exc), attempt + 1)
-        log.warning("transient failure: to the retry topic", reason=exc.reason, next=attempt + 1)
-        metrics.RETRIED.labels(stage, exc.reason).inc()
-        metrics.ITEMS.labels(stage, "retry").inc()
-        await self._send(
-            self.retry, (record.id or "").encode(), encode(record), _trace_headers(event)
-        )
-
-    async def _retry_agent(self, stream: Any) -> None:
-        """Hold each retry record until it is due, then send its original back to the
-        stage's input topic with the attempt count in a header.
-
-        Records arrive roughly in due order (the delay grows with the attempt, not with
-        the record), so waiting on the head of a partition delays little else.
-        """
-        r = self.settings.retry
-        async for event in stream.events():
-            self.watchdog.started()
-            try:
-                letter = decode(event.value, DeadLetter)
-                target = self.stage_topics.get(letter.stage)
-                if target is None:
-                    raise SchemaInvalid(f"retry record for unknown stage {letter.stage!r}")
-                rng = random.Random(f"{letter.id}:{letter.attempt}")  # same delay on redelivery
-                due = letter.failed_at + backoff(
-                    letter.attempt, r.topic_backoff_s, r.topic_backoff_max_s, rng
-                )
-                while (wait := due - time.time()) > 0:
-                    self.watchdog.beat()
-                    await asyncio.sleep(min(wait, 5.0))
-                await self._send(
-                    target,
-                    event.key,
-                    letter.original.encode(),
-                    [(ATTEMPT_HEADER, str(letter.attempt).encode()), *_trace_headers(event)],
-                )
-            except SynthwatchError as exc:  # a bad retry record, or one the broker refuses
-                await self._dead_letter("retry", event, exc.reason, str(exc), 0)
-            finally:
-                self.watchdog.finished()
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         # run_in_executor does not carry contextvars over: copy them, so the worker
@@ -660,172 +509,8 @@ class Pipeline:
             self.pool, functools.partial(ctx.run, fn, *args)
         )
 
-    def _letter(
-        self, stage: LetterStage, event: Any, reason: str, error: str, attempt: int
-    ) -> DeadLetter:
-        msg = event.message
-        value = event.value
-        original = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else ""
-        key = (
-            event.key.decode("utf-8", "backslashreplace") if isinstance(event.key, bytes) else None
-        )
-        return DeadLetter(
-            reason=reason,
-            stage=stage,
-            error=error[:2000],
-            attempt=attempt,
-            id=key,
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-            original=original[:ORIGINAL_MAX_CHARS],
-            failed_at=time.time(),
-        )
-
-    async def _dead_letter(
-        self, stage: LetterStage, event: Any, reason: str, error: str, attempt: int
-    ) -> None:
-        record = self._letter(stage, event, reason, error, attempt)
-        log.warning("dead-lettered", reason=reason, error=error[:300])
-        metrics.DLQ.labels(stage, reason).inc()
-        metrics.ITEMS.labels(stage, "dlq").inc()
-        key, headers = (record.id or "").encode(), _trace_headers(event)
-        try:
-            await self._send(self.dlq, key, encode(record), headers)
-        except TooLarge:
-            # The original kept verbatim is what made it too large: send the record
-            # without it (topic, partition and offset still say where it is).
-            log.error("DLQ record too large for the broker: sent without the original")
-            await self._send(
-                self.dlq, key, encode(msgspec.structs.replace(record, original="")), headers
-            )
-
-    async def _send(self, topic: Any, key: bytes | None, value: bytes, headers: Any) -> None:
-        """Send one record and wait until the broker has it.
-
-        A failed send is the broker's trouble, not the record's: the record is kept and
-        sent again, with backoff, until the broker takes it (readiness false meanwhile;
-        waiting on a dependency is not a stall). Routing it to the DLQ instead would
-        blame the record, and the DLQ is on the same broker; letting the exception out
-        would crash the agent, and faust acknowledges the record an agent crashed on, so
-        it would be lost. Only a record the broker refuses for its size raises
-        (`TooLarge`, permanent).
-        """
-        attempt = 0
-        while True:
-            try:
-                await (await topic.send(key=key, value=value, headers=headers))
-            except (KafkaError, ProducerSendError) as exc:
-                cause = exc.__cause__ if isinstance(exc, ProducerSendError) else exc
-                if isinstance(cause, MessageSizeTooLargeError):
-                    raise TooLarge(
-                        f"the broker refused a {len(value)}-byte record for its size"
-                    ) from exc
-                attempt += 1
-                error = f"{type(cause or exc).__name__}: {cause or exc}"[:300]
-                self.down["kafka"] = error
-                metrics.DEPENDENCY_UP.labels("kafka").set(0)
-                log.error(
-                    "send failed: the record is kept and sent again",
-                    topic=topic.get_topic_name(),
-                    error=error,
-                    attempt=attempt,
-                )
-                self.watchdog.beat()
-                await asyncio.sleep(
-                    backoff(attempt, 1.0, self.settings.retry.outage_backoff_max_s) + 0.5
-                )
-                continue
-            if attempt:
-                log.warning("the broker took the record", attempts=attempt + 1)
-            return
-
-    # -- web views and timers -----------------------------------------------------
-
-    def _metrics(self, view: Any) -> Any:
-        return view.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
-
-    def _live(self, view: Any) -> Any:
-        # Progress, not broker reachability: a worker that cannot reach the broker is
-        # not fixed by a restart, a worker wedged on a record is.
-        stalled = self.watchdog.stalled_for()
-        body: dict[str, Any] = {"live": not stalled, "in_flight": self.watchdog.in_flight}
-        if stalled:
-            body["stalled_s"] = round(stalled, 1)
-        return view.json(body, status=503 if stalled else 200)
-
-    def _ready(self, view: Any) -> Any:
-        assigned = len(self.app.consumer.assignment())
-        ready = assigned > 0 and not self.down
-        body: dict[str, Any] = {"ready": ready, "partitions": assigned}
-        if self.down:
-            body["down"] = dict(self.down)
-        return view.json(body, status=200 if ready else 503)
-
-    async def _probe(self, check: Callable[[], bool]) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(self.probe_pool, check)
-
-    def _store_up(self) -> bool:
-        try:
-            self.store.client.head_bucket(Bucket=self.store.bucket)
-        except Exception:  # any failure to answer is "down" for readiness
-            return False
-        return True
-
-    def _broker_up(self) -> bool:
-        """A TCP connection to any bootstrap server opens (the consumer's own
-        reconnection is aiokafka's business; this only feeds readiness)."""
-        for server in self.settings.kafka.bootstrap_servers.split(","):
-            host, _, port = server.strip().rpartition(":")
-            try:
-                with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
-                    return True
-            except (OSError, ValueError):
-                continue
-        return False
-
-    async def _probe_dependencies(self) -> None:
-        checks = [("kafka", self._broker_up)]
-        if self.uses_store:
-            checks.append(("s3", self._store_up))
-        for name, check in checks:
-            try:
-                up = await self._probe(check)
-            except Exception:  # a timer must never raise (it would crash the app)
-                up = False
-            metrics.DEPENDENCY_UP.labels(name).set(1 if up else 0)
-            if up:
-                self.down.pop(name, None)
-            elif name not in self.down:
-                self.down[name] = "does not answer"
-                log.warning("dependency unreachable", dependency=name)
-
     async def _update_lag(self) -> None:
-        # A timer that raises crashes the whole faust app, so nothing may escape: the
-        # fault suite found a rebalance leaving a new partition without a high-water mark.
-        try:
-            await self._measure_lag()
-        except Exception as exc:
-            log.warning("consumer lag not measured", error=f"{type(exc).__name__}: {exc}")
-
-    async def _measure_lag(self) -> None:
-        consumer = self.app.consumer
-        assigned = {(tp.topic, str(tp.partition)) for tp in consumer.assignment()}
-        # A partition handed to another member in a rebalance is that member's to
-        # report: a series left at its last value here would count its lag twice.
-        for gone in self.lag_reported - assigned:
-            metrics.CONSUMER_LAG.remove(*gone)
-        self.lag_reported &= assigned
-        for tp in consumer.assignment():
-            # faust keeps the committed offsets in a private map and offers no accessor.
-            committed = getattr(consumer, "_committed_offset", {}).get(tp)
-            position = committed if committed is not None else await consumer.position(tp)
-            highwater = consumer.highwater(tp)
-            if position is None or highwater is None:  # not fetched yet (just assigned)
-                continue
-            lag = max(0, highwater - position)
-            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
-            self.lag_reported.add((tp.topic, str(tp.partition)))
+        await self.health.update_lag(self.app.consumer)
 
     def close(self) -> None:
         if self.handoff is not None:
@@ -837,29 +522,8 @@ class Pipeline:
         if self.sink is not None:
             self.sink.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.probe_pool.shutdown(wait=False, cancel_futures=True)
+        self.health.close()
         shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def _attempt(message: Any) -> int:
-    """Retry-topic attempts a consumed record has had (0 for a first delivery)."""
-    headers = getattr(message, "headers", None) or ()
-    items = headers.items() if isinstance(headers, dict) else headers
-    for name, value in items:
-        if name == ATTEMPT_HEADER:
-            try:
-                return max(0, int(bytes(value).decode("ascii")))
-            except (TypeError, ValueError, UnicodeDecodeError):
-                return 0
-    return 0
-
-
-def _trace_headers(event: Any) -> tracing.Headers:
-    """Trace context for a record produced about `event`: the current span's (a stage
-    routing its record), else the consumed record's own (the retry agent passing it on)."""
-    return tracing.current_headers() or tracing.trace_headers(
-        getattr(event.message, "headers", None)
-    )
 
 
 def _count_delivery(attempt: Attempt) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
-from synthwatch.operators.errors import SchemaInvalid
+from synthwatch.errors import SchemaInvalid
 
 MediaType = Literal["video", "image", "audio"]
 Decision = Literal["flag", "review", "pass", "inconclusive"]

@@ -24,12 +24,12 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from synthwatch.digest import file_sha256
+from synthwatch.errors import SynthwatchError
 from synthwatch.models.mtcnn import Detection
-from synthwatch.operators.errors import SynthwatchError
-from synthwatch.operators.faces import crop_faces
-from synthwatch.operators.sample import sample
+from synthwatch.operators.faces import FaceFinder, crop_faces
+from synthwatch.operators.sample import SampleSettings, sample
 from synthwatch.operators.sniff import HEAD_BYTES, sniff
-from synthwatch.pipeline.settings import SampleSettings
 from synthwatch.train.sbi import CROP_WORK_SIZE, Face
 
 U8 = npt.NDArray[np.uint8]
@@ -55,12 +55,6 @@ photograph the scanner is asked about. The stereo pair shares one group."""
 
 SKLEARN_PHOTOS: tuple[str, ...] = ("china.jpg", "flower.jpg")
 """scikit-learn's `load_sample_images` photographs (sklearn/datasets/images)."""
-
-
-class FaceFinder(Protocol):
-    """What training needs of a face detector: `FaceDetector` and its fallbacks fit."""
-
-    def detect(self, frames: list[U8]) -> list[list[Detection]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +113,6 @@ class RealSet:
     sources: list[SourceRecord] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of files that were found but could not be used."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_media(dirs: Iterable[Path]) -> list[Path]:

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from PIL import Image
 from scipy import ndimage
 
-from synthwatch.train.nets import FINGERPRINT_PATCH
+from synthwatch.models.nets import FINGERPRINT_PATCH
 from synthwatch.train.sbi import jpeg_roundtrip
 
 U8 = npt.NDArray[np.uint8]

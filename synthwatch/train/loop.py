@@ -18,7 +18,6 @@ bit-for-bit equality with the CPU run is not expected).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -36,10 +35,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from synthwatch.operators.faces import FaceDetector
+from synthwatch.digest import file_sha256
+from synthwatch.models.nets import (
+    FINGERPRINT_PATCH,
+    SBI_INPUT_SIZE,
+    FingerprintNet,
+    SbiFaceNet,
+    weight_bytes,
+)
+from synthwatch.operators.faces import FaceDetector, FaceFinder
 from synthwatch.train.data import (
     FRAMES_PER_VIDEO,
-    FaceFinder,
     RealFace,
     RealFrame,
     RealSet,
@@ -48,13 +54,6 @@ from synthwatch.train.data import (
     split_by_source,
 )
 from synthwatch.train.fingerprint import MARGIN, fingerprint_pair
-from synthwatch.train.nets import (
-    FINGERPRINT_PATCH,
-    SBI_INPUT_SIZE,
-    FingerprintNet,
-    SbiFaceNet,
-    weight_bytes,
-)
 from synthwatch.train.sbi import sbi_pair
 
 log = structlog.get_logger("synthwatch.train")
@@ -522,4 +521,4 @@ def _save(net: nn.Module, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     torch.save(state, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)

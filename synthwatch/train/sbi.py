@@ -36,7 +36,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from synthwatch.train.nets import SBI_INPUT_SIZE
+from synthwatch.models.nets import SBI_INPUT_SIZE
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]

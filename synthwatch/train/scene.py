@@ -20,7 +20,6 @@ computed in a fixed order, and scikit-learn's lbfgs solver is deterministic.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -34,11 +33,11 @@ import numpy.typing as npt
 import torch
 from PIL import Image, ImageOps
 
+from synthwatch.digest import file_sha256
+from synthwatch.errors import InvalidInput
 from synthwatch.models.mobilenet import SCENE_FEATURES, MobileNetV2, SceneFeatures, SceneProbe
 from synthwatch.models.mobilenet import scene_view as _view
-from synthwatch.operators.errors import InvalidInput
-from synthwatch.pipeline.evaluate import Labelled, read_labels
-from synthwatch.train.data import file_sha256
+from synthwatch.train.labels import Labelled, read_labels
 from synthwatch.train.loop import TrainReport
 
 C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 2, 11))
@@ -91,7 +90,7 @@ def train_scene(
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "scene_probe.pt"
     torch.save({k: v.detach().clone() for k, v in module.head_state().items()}, weights)
-    weights_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    weights_sha = file_sha256(weights)
     metrics = cv_metrics(labels.tolist(), oof.tolist(), groups)
     details: dict[str, Any] = {
         "name": "scene_probe",

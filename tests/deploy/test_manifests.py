@@ -929,6 +929,7 @@ ALERTS = {
     "SynthwatchDeadLettersOurFault",
     "SynthwatchSinkDeadLettering",
     "SynthwatchDependencyDown",
+    "SynthwatchDlqGuardTripped",
     "SynthwatchEndToEndLatencyHigh",
     "SynthwatchBatchFillLowUnderLoad",
     "SynthwatchInconclusiveShareHigh",

@@ -22,9 +22,8 @@ from typing import TypeVar
 
 import pytest
 
-from synthwatch.operators.errors import FetchFailed, FetchTimeout, SynthwatchError, TooLarge
-from synthwatch.operators.fetch import Fetcher
-from synthwatch.pipeline.settings import FetchSettings
+from synthwatch.errors import FetchFailed, FetchTimeout, SynthwatchError, TooLarge
+from synthwatch.operators.fetch import Fetcher, FetchSettings
 from tests.security.netharness import PNG, HttpServer, Reply, Route
 
 pytestmark = pytest.mark.usefixtures("sealed_net")
@@ -103,7 +102,7 @@ def test_content_length_longer_than_the_body_then_close_is_a_broken_transfer(
         r.write(PNG)
 
     exc, _, _ = _refused(FetchFailed, http_server, route, dest)
-    assert exc.transient
+    assert not exc.permanent
     assert "peer closed connection without sending complete message body" in str(exc)
 
 
@@ -404,7 +403,7 @@ def test_unsupported_content_encoding_is_refused_before_the_body_is_read(
     exc, elapsed, peak = _refused(FetchFailed, http_server, route, dest)
     assert "unsupported Content-Encoding" in str(exc)
     assert "decodes only gzip or deflate" in str(exc)
-    assert not exc.transient
+    assert exc.permanent
     assert elapsed < TIMEOUT_S
     assert peak < MEMORY_BOUND
 
@@ -474,7 +473,7 @@ def test_damaged_gzip_is_a_failed_fetch_not_a_stored_file(
     name: str, data: bytes, transient: bool, http_server: HttpServer, dest: Path
 ) -> None:
     exc, _, _ = _refused(FetchFailed, http_server, _encoded(data), dest)
-    assert exc.transient is transient
+    assert exc.permanent is not transient
 
 
 # --- what a failure shows and logs ---------------------------------------------------------

@@ -33,16 +33,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthwatch.operators import sample as sample_op
-from synthwatch.operators import sandbox
-from synthwatch.operators.errors import (
+from synthwatch.errors import (
     CorruptMedia,
     LimitExceeded,
     SynthwatchError,
     UnsupportedMedia,
 )
-from synthwatch.operators.sample import Frame, MediaInfo, Sampled
-from synthwatch.pipeline.settings import SampleSettings
+from synthwatch.models.speech import SAMPLE_RATE
+from synthwatch.operators import sample as sample_op
+from synthwatch.operators import sandbox
+from synthwatch.operators.sample import Frame, MediaInfo, Sampled, SampleSettings
 
 # tests/ has no conftest of its own to put media_factory on the path.
 from tests import media_factory as mf
@@ -746,8 +746,8 @@ def test_audio_that_changes_sample_rate_midway_is_resampled_whole(media_dir: Pat
     path.write_bytes(first.read_bytes() + tail[tag:])
     result = sandbox.sample(path, SETTINGS)
     assert result.audio is not None
-    assert len(result.audio) == pytest.approx(2 * sample_op.AUDIO_RATE, rel=0.1)
-    tail = result.audio[-sample_op.AUDIO_RATE // 2 :]
+    assert len(result.audio) == pytest.approx(2 * SAMPLE_RATE, rel=0.1)
+    tail = result.audio[-SAMPLE_RATE // 2 :]
     assert 0.15 < float(np.abs(tail).max()) < 0.45  # the second part's tone is there
 
 

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from synthwatch.errors import InvalidRef, SchemaInvalid
 from synthwatch.operators.alert import alert_id, make_alert
-from synthwatch.operators.errors import InvalidRef, SchemaInvalid
 from synthwatch.operators.evidence import EvidenceFrame, write_bundle
-from synthwatch.operators.fetch import Fetcher
+from synthwatch.operators.fetch import Fetcher, FetchSettings
 from synthwatch.operators.store import LocalStore, S3Store, blob_key, check_key
-from synthwatch.pipeline.settings import FetchSettings, Settings
+from synthwatch.pipeline.settings import Settings
 from synthwatch.pipeline.topology import Pipeline
 from synthwatch.schemas import (
     Alert,

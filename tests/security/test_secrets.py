@@ -29,15 +29,18 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
+from synthwatch.errors import SynthwatchError
 from synthwatch.operators.alert import make_alert
-from synthwatch.operators.errors import SynthwatchError
 from synthwatch.operators.evidence import EvidenceFrame, write_bundle
-from synthwatch.operators.fetch import Fetcher
-from synthwatch.operators.store import LocalStore
-from synthwatch.pipeline import logging as sw_logging
+from synthwatch.operators.fetch import Fetcher, FetchSettings
+from synthwatch.operators.redact import redact_urls
+from synthwatch.operators.store import LocalStore, S3Settings
+from synthwatch.pipeline import logs
+from synthwatch.pipeline.health import Health
 from synthwatch.pipeline.kafka import client_kwargs
-from synthwatch.pipeline.settings import FetchSettings, KafkaSettings, S3Settings, Settings
-from synthwatch.pipeline.topology import Pipeline, _faust_credentials
+from synthwatch.pipeline.routing import Router
+from synthwatch.pipeline.settings import KafkaSettings, RetrySettings, Settings
+from synthwatch.pipeline.topology import _faust_credentials
 from synthwatch.schemas import (
     DeadLetter,
     FaceBox,
@@ -221,7 +224,7 @@ def test_log_lines_never_show_credentials_or_signatures(
     name: str, json_logs: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = SECRET_URLS[name]
-    sw_logging.configure("INFO", json=json_logs)
+    logs.configure("INFO", json=json_logs)
     _log_everything(url, secret_settings())
     err = capsys.readouterr().err
     assert_no_secret(err, "the log")
@@ -237,13 +240,13 @@ def test_log_lines_never_show_credentials_or_signatures(
 
 
 def test_redact_urls_keeps_what_a_reader_needs() -> None:
-    shown = sw_logging.redact_urls(f"fetch of {SECRET_URLS['everything']} failed: HTTP 403")
+    shown = redact_urls(f"fetch of {SECRET_URLS['everything']} failed: HTTP 403")
     assert_no_secret(shown)
     assert shown.startswith("fetch of https://***@media.example.org/clips/v.mp4?")
     assert shown.endswith(" failed: HTTP 403")
     assert "X-Amz-Signature=REDACTED" in shown
-    assert sw_logging.redact_urls("feed-7") == "feed-7"
-    assert sw_logging.redact_urls("/media/in/a b.mp4") == "/media/in/a b.mp4"
+    assert redact_urls("feed-7") == "feed-7"
+    assert redact_urls("/media/in/a b.mp4") == "/media/in/a b.mp4"
 
 
 # --- records: alerts and evidence bundles ------------------------------------------
@@ -354,7 +357,7 @@ def _closed_port() -> int:
 
 
 # No "@" in these values: see the xfail test below for a GoogleAccessId (an e-mail
-# address) after a port, which `netguard.redact_url` misparses.
+# address) after a port, which `redact_url` misparses.
 QUERY = (
     f"X-Amz-Credential={AMZ_CREDENTIAL}&X-Amz-Security-Token={AMZ_TOKEN}"
     f"&X-Amz-Signature={AMZ_SIGNATURE}&Signature={GOOG_SIGNATURE}&sig={SAS_SIGNATURE}"
@@ -416,7 +419,7 @@ def test_logs_and_records_hide_a_signature_after_an_at_sign_in_the_query() -> No
     """Whatever the fetcher's message says, `redact_urls` (logs, alerts, reports) hides it."""
     url = f"https://storage.googleapis.com:443/b/o.mp4?GoogleAccessId={GOOG_ACCESS_ID}"
     for text in (f"{url}&Signature={GOOG_SIGNATURE}", f"fetch of {url}&sig={SAS_SIGNATURE} x"):
-        assert_no_secret(sw_logging.redact_urls(text))
+        assert_no_secret(redact_urls(text))
 
 
 class _Topic:
@@ -436,12 +439,14 @@ class _Topic:
 def test_dead_letter_keeps_the_raw_ref_for_replay_but_logs_and_error_never_show_secrets(
     server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sw_logging.configure("INFO", json=True)
+    logs.configure("INFO", json=True)
     url = f"http://u:{URL_PASSWORD}@{server}/403?{QUERY}"
     signed = f"http://{server}/403?{QUERY}"
     dlq = _Topic()
-    pipeline = Pipeline.__new__(Pipeline)  # only the DLQ topic is needed
-    pipeline.dlq = dlq
+    health = Health(stall_s=600.0, bootstrap_servers="127.0.0.1:9", store=None)
+    router = Router(  # only the DLQ topic is needed
+        RetrySettings(), retry=None, dlq=dlq, stage_topics={}, health=health, blocking=None
+    )
     for ref_url in (url, signed):
         raw = encode(MediaRef(id="m1", url=ref_url, source="feed"))
         exc = _fetch_error(ref_url, tmp_path)
@@ -450,7 +455,7 @@ def test_dead_letter_keeps_the_raw_ref_for_replay_but_logs_and_error_never_show_
             value=raw,
             key=b"m1",
         )
-        asyncio.run(pipeline._dead_letter("fetch", event, exc.reason, str(exc), 0))
+        asyncio.run(router.dead_letter("fetch", event, exc.reason, str(exc), 0))
     assert_no_secret(capsys.readouterr().err, "the dead-letter log line")
     for _key, value in dlq.sent:
         record = decode(value, DeadLetter)

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
+from synthwatch.errors import FetchTimeout, InvalidRef, RefusedAddress
 from synthwatch.operators import netguard
-from synthwatch.operators.errors import FetchTimeout, InvalidRef, RefusedAddress
-from synthwatch.operators.fetch import Fetcher
-from synthwatch.pipeline.settings import FetchSettings
+from synthwatch.operators.fetch import Fetcher, FetchSettings
+from synthwatch.operators.redact import redact_url
 from tests.security.netharness import (
     PNG,
     PUBLIC_IP,
@@ -423,7 +423,7 @@ def test_backend_used_without_the_fetcher_refuses_a_redirect_it_is_told_to_follo
     # backend on every hop.
     sealed_net.answer("cdn.example", [PUBLIC_IP])
     http_server.routes["/hop"] = _redirect("http://0xa9fea9fe/latest/")
-    with netguard.guarded_client(FetchSettings()) as client, pytest.raises(RefusedAddress):
+    with netguard.guarded_client() as client, pytest.raises(RefusedAddress):
         client.get(http_server.url("/hop", host="cdn.example"), follow_redirects=True)
     assert sealed_net.connects == [(PUBLIC_IP, http_server.port)]
 
@@ -440,7 +440,7 @@ def test_injected_resolver_is_the_only_resolution_the_backend_makes(
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("10.9.8.7", port))]
 
     with (
-        netguard.guarded_client(FetchSettings(), resolver=resolver) as client,
+        netguard.guarded_client(resolver=resolver) as client,
         pytest.raises(RefusedAddress, match=r"media\.example resolves to 10\.9\.8\.7"),
     ):
         client.get(http_server.url("/x", host="media.example"))
@@ -478,7 +478,7 @@ def test_refusals_never_show_credentials_or_signatures(
     with _fetcher() as f, pytest.raises((RefusedAddress, InvalidRef)) as info:
         f.fetch(url, tmp_path)
     assert SECRET not in str(info.value)
-    assert SECRET not in netguard.redact_url(url)
+    assert SECRET not in redact_url(url)
     assert sealed_net.connects == []
 
 

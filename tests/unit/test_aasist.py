@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.aasist import (
     AASIST_CONFIG,
     AASIST_L_CONFIG,
-    INPUT_SAMPLES,
-    SAMPLE_RATE,
     Aasist,
     AasistScorer,
     build_aasist,
@@ -23,7 +22,7 @@ from synthwatch.models.aasist import (
     sinc_filterbank,
 )
 from synthwatch.models.export import export_onnx
-from synthwatch.operators.errors import ModelUnavailable
+from synthwatch.models.speech import INPUT_SAMPLES, SAMPLE_RATE
 
 Builder = Callable[[Sequence[Path]], nn.Module]
 MODELS: list[tuple[str, Builder, int]] = [

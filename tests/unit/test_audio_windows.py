@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synthwatch.operators.audio import SAMPLE_RATE, WINDOW_SAMPLES, window_spans, windows
+from synthwatch.models.speech import SAMPLE_RATE
+from synthwatch.operators.audio import WINDOW_SAMPLES, windows
 
 SIZE = WINDOW_SAMPLES
 
@@ -129,11 +130,3 @@ def test_unusable_audio_is_refused_with_a_reason(audio: np.ndarray, message: str
 def test_bad_parameters_are_refused(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         windows(_ramp(SIZE), **kwargs)
-
-
-def test_spans_stop_at_the_end_of_the_file() -> None:
-    audio = _ramp(SIZE + 2 * SAMPLE_RATE)
-    duration = len(audio) / SAMPLE_RATE
-    _, starts = windows(audio)
-    spans = window_spans(starts, SIZE, SAMPLE_RATE, duration)
-    assert spans == [(0.0, SIZE / SAMPLE_RATE), (SIZE / SAMPLE_RATE, duration)]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from synthwatch.errors import InvalidRef
 from synthwatch.operators.alert import alert_id, make_alert
-from synthwatch.operators.errors import InvalidRef
 from synthwatch.operators.evidence import EvidenceFrame, verify_bundle, write_bundle
-from synthwatch.operators.fuse import aggregate
+from synthwatch.operators.fuse import aggregate_scores
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.store import LocalStore, blob_key, check_key
 from synthwatch.schemas import FaceBox, FrameResult, Verdict
@@ -47,7 +47,9 @@ def test_top_k_mean_is_driven_by_the_manipulated_stretch() -> None:
     # 8 frames, a swap in frames 5-6: a plain mean would dilute it to ~0.3.
     scores = [0.05, 0.1, 0.05, 0.1, 0.05, 0.95, 0.9, 0.1]
     frames = [frame(i, i * 1.0 + 0.5, s) for i, s in enumerate(scores)]
-    score, segments = aggregate(frames, duration_s=8.0)
+    score, segments = aggregate_scores(
+        [f.time_s for f in frames], [f.score for f in frames], duration_s=8.0
+    )
     assert score == pytest.approx((0.95 + 0.9) / 2)
     assert len(segments) == 1
     assert segments[0].start_s == pytest.approx(5.0)
@@ -58,12 +60,14 @@ def test_top_k_mean_is_driven_by_the_manipulated_stretch() -> None:
 def test_separate_stretches_give_separate_segments() -> None:
     scores = [0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.8]
     frames = [frame(i, float(i), s) for i, s in enumerate(scores)]
-    _, segments = aggregate(frames, duration_s=8.0)
+    _, segments = aggregate_scores(
+        [f.time_s for f in frames], [f.score for f in frames], duration_s=8.0
+    )
     assert [(s.start_s, s.score) for s in segments] == [(0.0, 0.9), (6.5, 0.8)]
 
 
 def test_no_frames_scores_zero_without_segments() -> None:
-    assert aggregate([], duration_s=3.0) == (0.0, [])
+    assert aggregate_scores([], [], duration_s=3.0) == (0.0, [])
 
 
 def test_policy_thresholds() -> None:
@@ -137,7 +141,7 @@ def test_local_store_is_write_once(tmp_path: Path) -> None:
 def test_local_store_refuses_a_file_that_does_not_match_its_sha256(tmp_path: Path) -> None:
     import hashlib
 
-    from synthwatch.operators.errors import StorageFailed
+    from synthwatch.errors import StorageFailed
 
     store = LocalStore(tmp_path / "store")
     media = tmp_path / "clip.bin"

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from synthwatch.digest import file_sha256
+from synthwatch.errors import InvalidInput, ModelUnavailable
 from synthwatch.operators import calibrate as cal
-from synthwatch.operators.errors import InvalidInput, ModelUnavailable
 from synthwatch.operators.policy import Policy
 from synthwatch.pipeline import evaluate as ev
 from synthwatch.schemas import Signal, Verdict
-from synthwatch.train.data import file_sha256
+from synthwatch.train.labels import Labelled, group_of, read_labels
 
 POLICY = Policy(version="p", flag_threshold=0.8, review_threshold=0.5)
 
@@ -43,7 +44,7 @@ def verdict(score: float, media_type: str = "image") -> Verdict:
 def scored(scores: list[float], labels: list[int], media_type: str = "image") -> list[ev.Scored]:
     return [
         ev.Scored(
-            item=ev.Labelled(path=Path(f"/x/{i}"), rel=f"{i}.jpg", label=y),
+            item=Labelled(path=Path(f"/x/{i}"), rel=f"{i}.jpg", label=y),
             verdict=verdict(s, media_type),
         )
         for i, (s, y) in enumerate(zip(scores, labels, strict=True))
@@ -55,14 +56,14 @@ def test_labels_file_problems_are_listed_together(tmp_path: Path) -> None:
     csv = tmp_path / "labels.csv"
     csv.write_text("path,label\na.jpg,fake\nmissing.jpg,real\na.jpg,maybe\n,real\n")
     with pytest.raises(InvalidInput) as info:
-        ev.read_labels(csv)
+        read_labels(csv)
     msg = str(info.value)
     assert "missing.jpg: no such file" in msg and "'maybe'" in msg and "empty path" in msg
     csv.write_text("file,truth\na.jpg,fake\n")
     with pytest.raises(InvalidInput, match="path,label"):
-        ev.read_labels(csv)
+        read_labels(csv)
     csv.write_text("path,label\na.jpg,FAKE\n")
-    [item] = ev.read_labels(csv)
+    [item] = read_labels(csv)
     assert item.label == 1 and item.path == (tmp_path / "a.jpg").resolve()
 
 
@@ -85,9 +86,7 @@ def test_threshold_counts() -> None:
 
 def test_report_by_type_and_items() -> None:
     items = scored([0.1, 0.9], [0, 1]) + scored([0.2, 0.7], [0, 1], "audio")
-    items.append(
-        ev.Scored(item=ev.Labelled(Path("/x/z"), "z.mp4", 1), verdict=None, error="corrupt")
-    )
+    items.append(ev.Scored(item=Labelled(Path("/x/z"), "z.mp4", 1), verdict=None, error="corrupt"))
     rep = ev.report(items, cal.EMPTY, POLICY)
     assert rep["overall"]["n"] == 4 and rep["errors"] == 1
     assert set(rep["by_type"]) == {"image", "audio"}
@@ -103,7 +102,7 @@ def test_inconclusive_items_are_counted_beside_the_auc_never_as_a_pass() -> None
         **{**{f: getattr(unscored, f) for f in unscored.__struct_fields__}, "signals": []}
     )
     # A fake nothing could score: as a pass (score 0) it would drag the AUC to 0.75.
-    items.append(ev.Scored(item=ev.Labelled(Path("/x/g"), "g.gif", 1), verdict=unscored))
+    items.append(ev.Scored(item=Labelled(Path("/x/g"), "g.gif", 1), verdict=unscored))
     rep = ev.report(items, cal.EMPTY, POLICY)
     overall = rep["overall"]
     assert overall["n"] == 5 and overall["n_inconclusive"] == 1
@@ -142,10 +141,10 @@ def test_audio_models_are_calibrated_on_audio_items_only() -> None:
     # Fake videos whose voice is real (a face swap keeps it) must not teach the audio
     # model that real voices are fake.
     items = [
-        ev.Scored(ev.Labelled(Path(f"/a/{i}"), f"a{i}", y), with_voice(s, "audio"))
+        ev.Scored(Labelled(Path(f"/a/{i}"), f"a{i}", y), with_voice(s, "audio"))
         for i, (s, y) in enumerate([(0.1, 0), (0.2, 0), (0.8, 1), (0.9, 1)])
     ] + [
-        ev.Scored(ev.Labelled(Path(f"/v/{i}"), f"v{i}", 1), with_voice(0.05, "video"))
+        ev.Scored(Labelled(Path(f"/v/{i}"), f"v{i}", 1), with_voice(0.05, "video"))
         for i in range(10)
     ]
     c = ev.fit_calibration(items).get("voice", "voice@1")
@@ -191,7 +190,7 @@ def test_items_a_model_was_trained_on_are_marked_and_left_out_of_its_unseen_auc(
     scores = {"a": 0.05, "b": 0.9, "c": 0.8, "d": 0.7}
     items = [
         ev.Scored(
-            item=ev.Labelled(path=files[n], rel=f"{n}.jpg", label=labels[n]),
+            item=Labelled(path=files[n], rel=f"{n}.jpg", label=labels[n]),
             verdict=verdict(scores[n]),  # one signal, m, of model m
         )
         for n in files
@@ -226,7 +225,7 @@ def test_items_a_model_was_trained_on_are_marked_and_left_out_of_its_unseen_auc(
     ],
 )
 def test_items_are_grouped_by_source_from_their_names(rel: str, group: str) -> None:
-    assert ev.group_of(rel) == group
+    assert group_of(rel) == group
 
 
 def test_a_group_column_names_the_source_and_groups_are_reported(tmp_path: Path) -> None:
@@ -236,7 +235,7 @@ def test_a_group_column_names_the_source_and_groups_are_reported(tmp_path: Path)
     csv.write_text(
         "path,label,group\na.jpg,fake,gen-x\nb.jpg,fake,gen-y\nc.jpg,real,\nd.jpg,real,cam\n"
     )
-    items = ev.read_labels(csv)
+    items = read_labels(csv)
     assert [i.group for i in items] == ["gen-x", "gen-y", "c", "cam"]
     scored_items = [
         ev.Scored(item=i, verdict=verdict(s))
@@ -251,12 +250,12 @@ def test_a_group_column_names_the_source_and_groups_are_reported(tmp_path: Path)
 def test_cross_validation_scores_trained_on_items_with_their_out_of_fold_scores(
     tmp_path: Path,
 ) -> None:
-    from synthwatch.train.data import file_sha256
+    from synthwatch.digest import file_sha256
 
     path = tmp_path / "seen.jpg"
     path.write_bytes(b"an item the shipped model was trained on")
-    item = ev.Scored(item=ev.Labelled(path, "seen.jpg", 1), verdict=verdict(0.99))
-    other = ev.Scored(item=ev.Labelled(tmp_path / "gone.jpg", "gone.jpg", 0), verdict=verdict(0.2))
+    item = ev.Scored(item=Labelled(path, "seen.jpg", 1), verdict=verdict(0.99))
+    other = ev.Scored(item=Labelled(tmp_path / "gone.jpg", "gone.jpg", 0), verdict=verdict(0.2))
     oof = {"m": {file_sha256(path): 0.31}}
     replaced, kept = ev.with_out_of_fold([item, other], oof)
     assert replaced.verdict is not None and replaced.verdict.signals[0].raw_score == 0.31

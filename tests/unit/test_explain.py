@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from synthwatch.operators.explain import grad_cam, last_conv, overlay, png
+from synthwatch.operators.gradcam import grad_cam, last_conv, overlay, png
 
 
 class FindsRed(nn.Module):
@@ -83,12 +83,11 @@ def test_decide_draws_no_heatmap_from_weights_other_than_the_verdicts(tmp_path) 
     # Its heatmap, drawn from decide's weights but labelled with the verdict's model,
     # would be false evidence.
     from synthwatch.models.registry import ModelStore
-    from synthwatch.pipeline.explain import Explainer
-    from synthwatch.pipeline.settings import Settings
+    from synthwatch.operators.explainer import Explainer
     from synthwatch.schemas import FaceBox, FrameResult, Signal
 
     store = ModelStore(tmp_path)
-    explainer = Explainer(Settings(model_dir=tmp_path), store)
+    explainer = Explainer(store, review_threshold=0.5)
     ours = f"sbi_face@{store.weights_id('sbi_face')[:12]}"
 
     def signal(model: str, name: str = "sbi_face") -> Signal:
@@ -112,8 +111,8 @@ RACE = """
 import threading
 import numpy as np
 import torch
-from synthwatch.operators.explain import grad_cam
-from synthwatch.train.nets import SbiFaceNet
+from synthwatch.operators.gradcam import grad_cam
+from synthwatch.models.nets import SbiFaceNet
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.mtcnn import Detection
-from synthwatch.operators.errors import ModelUnavailable
-from synthwatch.operators.faces import FaceDetector, crop_faces, track_faces, whole_frame_crop
+from synthwatch.operators.faces import FaceDetector, crop_faces, track_faces
 
 
 def _frame(height: int = 480, width: int = 640) -> np.ndarray:
@@ -65,15 +65,9 @@ def test_crop_skips_low_confidence_and_off_frame_boxes() -> None:
     assert [c.confidence for c in crops] == [0.95]
 
 
-def test_whole_frame_crop_is_the_centred_square() -> None:
-    frame = _frame(480, 640)
-    np.testing.assert_array_equal(whole_frame_crop(frame, size=480), frame[:, 80:560])
-    assert whole_frame_crop(frame).shape == (256, 256, 3)
-
-
 def test_crops_reject_non_rgb_frames() -> None:
     with pytest.raises(ValueError):
-        whole_frame_crop(np.zeros((32, 32), dtype=np.uint8))
+        crop_faces(np.zeros((32, 32), dtype=np.uint8), [])
     with pytest.raises(ValueError):
         crop_faces(np.zeros((32, 32, 3), dtype=np.float32), [])
 

@@ -24,8 +24,7 @@ import httpcore
 import pytest
 from botocore.exceptions import ClientError
 
-from synthwatch.operators import netguard
-from synthwatch.operators.errors import (
+from synthwatch.errors import (
     FetchFailed,
     FetchTimeout,
     InvalidRef,
@@ -33,8 +32,8 @@ from synthwatch.operators.errors import (
     TooLarge,
     UnsupportedMedia,
 )
-from synthwatch.operators.fetch import Fetched, Fetcher
-from synthwatch.pipeline.settings import FetchSettings
+from synthwatch.operators import netguard
+from synthwatch.operators.fetch import Fetched, Fetcher, FetchSettings
 
 PNG = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 20
 PUBLIC_IP = "93.184.216.34"
@@ -181,7 +180,7 @@ def test_loopback_url_is_refused_by_default_and_never_connected(
 
 def test_backend_refuses_loopback_even_without_the_url_precheck(server: _Server) -> None:
     # The guarded client alone (no check_url) must refuse: the backend is the real guard.
-    with netguard.guarded_client(FetchSettings()) as client, pytest.raises(RefusedAddress):
+    with netguard.guarded_client() as client, pytest.raises(RefusedAddress):
         client.get(server.url("/x"))
     assert server.connections == 0
 
@@ -224,7 +223,7 @@ def test_dns_rebinding_cannot_redirect_the_vetted_connect(
         # rebinding answer is never consulted for this connect (the harness refuses it).
         with pytest.raises(FetchFailed) as info:
             f.fetch(url, tmp_path)
-        assert info.value.transient
+        assert not info.value.permanent
         assert calls == ["rebind.example"]
         assert offbox_connects == [(PUBLIC_IP, server.port)]
         # The next connect sees the rebinding answer and refuses before any socket.
@@ -346,7 +345,7 @@ def test_redirect_loop_stops_after_max_redirects(server: _Server, tmp_path: Path
     with _fetcher(allow_private=True, max_redirects=3) as f, pytest.raises(FetchFailed) as info:
         f.fetch(server.url("/a"), tmp_path)
     assert "more than 3 redirects" in str(info.value)
-    assert not info.value.transient
+    assert info.value.permanent
     assert len(server.hosts) == 4
 
 
@@ -400,7 +399,7 @@ def test_content_length_longer_than_the_body_is_a_broken_transfer(
     server.routes["/x"] = _body(PNG, headers={"Content-Length": str(len(PNG) + 1000)})
     with _fetcher(allow_private=True) as f, pytest.raises(FetchFailed) as info:
         f.fetch(server.url("/x"), tmp_path)
-    assert info.value.transient
+    assert not info.value.permanent
     assert _leftovers(tmp_path) == []
 
 
@@ -504,7 +503,7 @@ def test_http_errors_say_whether_a_retry_can_help(
     server.routes["/x"] = _body(b"nope", status=status)
     with _fetcher(allow_private=True) as f, pytest.raises(FetchFailed) as info:
         f.fetch(server.url("/x"), tmp_path)
-    assert info.value.transient is transient
+    assert info.value.permanent is not transient
     assert f"HTTP {status}" in str(info.value)
 
 
@@ -522,7 +521,7 @@ def test_connection_refused_is_transient(tmp_path: Path) -> None:
         port = s.getsockname()[1]  # bound but not listening: connects are refused
         with _fetcher(allow_private=True) as f, pytest.raises(FetchFailed) as info:
             f.fetch(f"http://127.0.0.1:{port}/x", tmp_path)
-    assert info.value.transient
+    assert not info.value.permanent
 
 
 # --- other schemes -------------------------------------------------------------------------
@@ -596,7 +595,7 @@ def test_s3_object_is_streamed_hashed_and_sniffed(tmp_path: Path) -> None:
             f.fetch("s3://media/missing", tmp_path)
     assert got.sha256 == hashlib.sha256(PNG).hexdigest()
     assert got.path.read_bytes() == PNG
-    assert not info.value.transient
+    assert info.value.permanent
     assert all(body.closed for body in s3.bodies)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from synthwatch.errors import InvalidInput
 from synthwatch.operators import calibrate as cal
 from synthwatch.operators import fuse
-from synthwatch.operators.errors import InvalidInput
 from synthwatch.operators.policy import Policy
 from synthwatch.schemas import Signal
 

@@ -8,7 +8,7 @@ without a signal); an interrupt made it likely, because the interrupted decoders
 their items at once and the remaining alerting items' evidence is drawn side by side.
 Here the whole command is interrupted in a loop, while items with faces alert and their
 evidence is drawn two at a time; every other round Ctrl-C is pressed twice, which ends
-the scan at once (`_drain_on_interrupt`).
+the scan at once (`scan.drain_on_interrupt`).
 """
 
 from __future__ import annotations

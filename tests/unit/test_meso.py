@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.keras_h5 import keras_state_dict, load_keras_weights
 from synthwatch.models.meso import INPUT_SIZE, Meso4, MesoInception4
 from synthwatch.models.registry import ModelStore
-from synthwatch.operators.errors import ModelUnavailable
 
 
 def _faces(paths: list[Path]) -> torch.Tensor:

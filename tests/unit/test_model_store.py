@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models import registry
 from synthwatch.models.registry import SPECS, ModelSpec, ModelStore, WeightsFile, index_specs
-from synthwatch.operators.errors import ModelUnavailable
 
 PAYLOAD = b"synthwatch test weights\n" * 1000
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -148,13 +148,13 @@ def test_repeated_resolve_does_not_rehash_until_file_changes(
     store.import_file(src)
     (path,) = store.resolve("fake_df")
     calls: list[Path] = []
-    real = registry._sha256_file
+    real = registry.file_sha256
 
     def counting(p: Path) -> str:
         calls.append(p)
         return real(p)
 
-    monkeypatch.setattr(registry, "_sha256_file", counting)
+    monkeypatch.setattr(registry, "file_sha256", counting)
 
     for _ in range(5):
         store.resolve("fake_df")

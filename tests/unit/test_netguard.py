@@ -11,9 +11,10 @@ import ipaddress
 
 import pytest
 
+from synthwatch.errors import InvalidRef, RefusedAddress
 from synthwatch.operators import netguard
-from synthwatch.operators.errors import InvalidRef, RefusedAddress
-from synthwatch.operators.netguard import classify, parse_host, redact_url
+from synthwatch.operators.netguard import classify, parse_host
+from synthwatch.operators.redact import redact_url
 
 
 @pytest.mark.parametrize(
@@ -210,7 +211,7 @@ def test_allow_networks_opens_only_the_named_range_and_never_metadata() -> None:
 
 
 def test_a_malformed_allowed_network_is_a_clear_error() -> None:
-    from synthwatch.operators.errors import InvalidRef
+    from synthwatch.errors import InvalidRef
     from synthwatch.operators.netguard import parse_networks
 
     with pytest.raises(InvalidRef, match="not a CIDR"):

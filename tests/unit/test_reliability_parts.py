@@ -18,10 +18,12 @@ from aiokafka.errors import (
 )
 from faust.exceptions import ProducerSendError
 
-from synthwatch.operators.errors import TooLarge, is_permanent
+from synthwatch.errors import TooLarge, is_permanent
+from synthwatch.operators.backoff import backoff
 from synthwatch.pipeline.faults import POINTS, FaultPoints
+from synthwatch.pipeline.health import InFlight, Watchdog
+from synthwatch.pipeline.routing import ATTEMPT_HEADER, attempt_of
 from synthwatch.pipeline.settings import Settings
-from synthwatch.pipeline.topology import ATTEMPT_HEADER, InFlight, Watchdog, _attempt, backoff
 
 
 @pytest.mark.parametrize(
@@ -122,7 +124,7 @@ def test_oldest_in_flight_follows_the_oldest_unfinished_record_of_each_stage() -
     ],
 )
 def test_attempt_header_is_read_defensively(headers: object, expected: int) -> None:
-    assert _attempt(SimpleNamespace(headers=headers)) == expected
+    assert attempt_of(SimpleNamespace(headers=headers)) == expected
 
 
 def test_the_sink_endpoint_reads_down_only_on_signs_of_its_own_trouble() -> None:
@@ -170,11 +172,11 @@ def test_lag_of_a_partition_lost_in_a_rebalance_is_no_longer_served(
     pipeline = Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
     monkeypatch.setattr(type(pipeline.app), "consumer", property(lambda self: Consumer()))
     try:
-        asyncio.run(pipeline._measure_lag())
+        asyncio.run(pipeline.health.measure_lag(pipeline.app.consumer))
         text = generate_latest().decode()
         assert 'synthwatch_consumer_lag{partition="1",topic="lagtest.fetched"} 7.0' in text
         assignment.discard(TP("lagtest.fetched", 1))  # handed to another worker
-        asyncio.run(pipeline._measure_lag())
+        asyncio.run(pipeline.health.measure_lag(pipeline.app.consumer))
         text = generate_latest().decode()
         assert 'synthwatch_consumer_lag{partition="0",topic="lagtest.fetched"} 7.0' in text
         assert 'partition="1",topic="lagtest.fetched"' not in text
@@ -212,15 +214,15 @@ def _send_error(cause: BaseException) -> ProducerSendError:
 def test_a_send_the_broker_fails_is_sent_again_not_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from synthwatch.pipeline import topology
+    from synthwatch.pipeline import routing, topology
 
-    monkeypatch.setattr(topology, "backoff", lambda *a, **k: 0.0)
+    monkeypatch.setattr(routing, "backoff", lambda *a, **k: 0.0)
     pipeline = topology.Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
     try:
         topic = _Topic(KafkaConnectionError(), _send_error(LeaderNotAvailableError()))
-        asyncio.run(pipeline._send(topic, b"k", b"verdict", []))
+        asyncio.run(pipeline.router.send(topic, b"k", b"verdict", []))
         assert topic.sent == [b"verdict"]  # once, after two failed sends
-        assert "kafka" in pipeline.down  # not ready while the broker fails sends
+        assert "kafka" in pipeline.health.down  # not ready while the broker fails sends
     finally:
         pipeline.close()
 
@@ -234,7 +236,7 @@ def test_a_record_the_broker_refuses_for_its_size_is_a_permanent_failure(
     try:
         topic = _Topic(_send_error(MessageSizeTooLargeError()))
         with pytest.raises(TooLarge, match="for its size") as err:
-            asyncio.run(pipeline._send(topic, b"k", b"x" * 10, []))
+            asyncio.run(pipeline.router.send(topic, b"k", b"x" * 10, []))
         assert is_permanent(err.value)
         assert topic.sent == []
     finally:
@@ -250,13 +252,13 @@ def test_a_dead_letter_too_large_for_the_broker_is_sent_without_its_original(
     pipeline = topology.Pipeline(Settings(work_dir=tmp_path, model_dir=tmp_path), "decide")
     try:
         dlq = _Topic(_send_error(MessageSizeTooLargeError()))
-        pipeline.dlq = dlq
+        pipeline.router.dlq = dlq
         event = SimpleNamespace(
             key=b"media-1",
             value=b'{"big": "' + b"x" * 1000 + b'"}',
             message=SimpleNamespace(topic="media.verdicts", partition=3, offset=41, headers=[]),
         )
-        asyncio.run(pipeline._dead_letter("decide", event, "internal", "boom", 0))
+        asyncio.run(pipeline.router.dead_letter("decide", event, "internal", "boom", 0))
         (sent,) = dlq.sent
         letter = decode(sent, DeadLetter)
         assert letter.original == ""  # dropped: it made the record too large
@@ -266,5 +268,67 @@ def test_a_dead_letter_too_large_for_the_broker_is_sent_without_its_original(
             3,
             41,
         )
+    finally:
+        pipeline.close()
+
+
+def _event(n: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        key=f"media-{n}".encode(),
+        value=b'{"id": "x"}',
+        message=SimpleNamespace(topic="media.fetched", partition=0, offset=n, headers=[]),
+    )
+
+
+def test_the_dlq_guard_counts_runs_and_shares_of_failures_that_blame_a_deploy() -> None:
+    from synthwatch.pipeline.routing import DlqLimit
+
+    limit = DlqLimit(max_consecutive=3, max_ratio=0.5, window=10)
+    for _ in range(3):
+        assert limit.exceeded("detect") is None
+        limit.record("detect", guarded=True)
+    assert "3 records in a row" in (limit.exceeded("detect") or "")
+    assert limit.exceeded("fetch") is None  # per stage
+    limit.record("detect", guarded=False)  # one good record ends the run
+    assert limit.exceeded("detect") is None
+    for guarded in [True, False, True, True, False, True, True]:  # 7 of the last 10: 70 %
+        limit.record("detect", guarded=guarded)
+    assert "70% of the last 10" in (limit.exceeded("detect") or "")
+    assert DlqLimit().exceeded("detect") is None  # 0: no limit
+
+
+def test_a_stage_over_its_dlq_limit_stops_instead_of_draining_into_the_dlq(
+    tmp_path: Path,
+) -> None:
+    from synthwatch.pipeline import topology
+    from synthwatch.pipeline.routing import GUARD_NAME
+
+    settings = Settings(
+        work_dir=tmp_path,
+        model_dir=tmp_path,
+        retry={"dlq_limit_consecutive": 2, "dlq_limit_ratio": 0},  # type: ignore[arg-type]
+    )
+    pipeline = topology.Pipeline(settings, "decide")
+    try:
+        dlq = _Topic()
+        pipeline.router.dlq = dlq
+        # Broken inputs are what the DLQ is for: any number of them goes there.
+        for n in range(5):
+            asyncio.run(pipeline.router.dead_letter("detect", _event(n), "corrupt_media", "x", 0))
+        assert len(dlq.sent) == 5 and not pipeline.health.down
+        # A bug that fails every record: two reach the DLQ, the third stops the stage.
+        for n in range(2):
+            asyncio.run(pipeline.router.dead_letter("detect", _event(n), "internal", "bug", 0))
+        assert len(dlq.sent) == 7
+
+        async def third() -> None:
+            await asyncio.wait_for(
+                pipeline.router.dead_letter("detect", _event(9), "internal", "bug", 0), 0.5
+            )
+
+        with pytest.raises(TimeoutError):
+            asyncio.run(third())
+        assert len(dlq.sent) == 7  # the record in hand was not dead-lettered
+        assert "2 records in a row" in pipeline.health.down[GUARD_NAME]
     finally:
         pipeline.close()

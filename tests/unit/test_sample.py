@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthwatch.operators.errors import CorruptMedia, LimitExceeded, UnsupportedMedia
-from synthwatch.operators.sample import MAX_SIDE, frames_at, probe, sample
-from synthwatch.pipeline.settings import SampleSettings
+from synthwatch.errors import CorruptMedia, LimitExceeded, UnsupportedMedia
+from synthwatch.operators.sample import MAX_SIDE, SampleSettings, frames_at, probe, sample
 
 # tests/ has no conftest of its own to put media_factory on the path.
 from tests import media_factory as mf

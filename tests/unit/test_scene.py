@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models import fetch
 from synthwatch.models.mobilenet import SCENE_SIZE, MobileNetV2, SceneFeatures, scene_view
 from synthwatch.models.registry import MOBILENET_V2, ModelStore, WeightsFile, WheelMember
-from synthwatch.operators.errors import ModelUnavailable
 
 BACKBONE = ModelStore(Path("/nonexistent")).file_path(MOBILENET_V2)
 needs_backbone = pytest.mark.skipif(

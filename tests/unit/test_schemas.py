@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from synthwatch.operators.errors import SchemaInvalid
+from synthwatch.errors import SchemaInvalid
 from synthwatch.schemas import RECORDS, Alert, MediaRef, Verdict, decode, encode
 from synthwatch.schemas.export import SCHEMA_DIR, schema_files
 

@@ -12,15 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
+from synthwatch.digest import file_sha256
 from synthwatch.models.export import export_onnx
 from synthwatch.models.mtcnn import Detection
-from synthwatch.train.data import (
-    RealFrame,
-    collect_real,
-    detect_faces,
-    file_sha256,
-    split_by_source,
+from synthwatch.models.nets import (
+    FINGERPRINT_PATCH,
+    SBI_INPUT_SIZE,
+    FingerprintNet,
+    SbiFaceNet,
+    weight_bytes,
 )
+from synthwatch.train.data import RealFrame, collect_real, detect_faces, split_by_source
 from synthwatch.train.fingerprint import (
     UPSAMPLERS,
     fingerprint_pair,
@@ -28,13 +30,6 @@ from synthwatch.train.fingerprint import (
     simulate_generator,
 )
 from synthwatch.train.loop import Recipe, train_fingerprint, train_sbi
-from synthwatch.train.nets import (
-    FINGERPRINT_PATCH,
-    SBI_INPUT_SIZE,
-    FingerprintNet,
-    SbiFaceNet,
-    weight_bytes,
-)
 from synthwatch.train.sbi import Face, degrade_alike, sbi_pair, self_blend
 from tests.media_factory import make_video
 

@@ -18,18 +18,17 @@ from typing import Any
 
 import pytest
 
+from synthwatch.errors import DeliveryFailed, InvalidInput, is_permanent
 from synthwatch.operators import siem
-from synthwatch.operators.errors import InvalidInput, is_permanent
 from synthwatch.operators.webhook import (
     Attempt,
-    DeliveryFailed,
+    SinkSettings,
     WebhookSink,
     shown_endpoint,
     sign,
     verify_signature,
 )
-from synthwatch.pipeline import logging as sw_logging
-from synthwatch.pipeline.settings import SinkSettings
+from synthwatch.pipeline import logs
 from synthwatch.schemas import Alert, Segment
 
 SECRET = "whsec-9f8e7d6c5b4a"
@@ -404,7 +403,7 @@ def test_no_credential_reaches_an_error_or_a_log_line(
     secrets = (SECRET, TOKEN, path_secret, query_secret, password, basic)
     # The receiver echoes the request's path and headers back, as some error pages do.
     hook.script = [Reply(503, echo=True), Reply(401, echo=True)]
-    sw_logging.configure("DEBUG", json=True)
+    logs.configure("DEBUG", json=True)
     for name in ("httpx", "httpcore"):  # let even the transport's own lines through
         logging.getLogger(name).setLevel(logging.DEBUG)
     rec = Recorder()

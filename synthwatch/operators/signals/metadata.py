@@ -29,16 +29,14 @@ from typing import IO, Any
 
 from PIL import Image
 
+from synthwatch.operators.signals import iptc
+
 HEAD_BYTES = 4 << 20
 MAX_TEXT_BYTES = 1 << 20
 MAX_TOTAL_TEXT = 4 << 20
 MAX_PNG_CHUNKS = 100_000
 MAX_XMP_PACKETS = 8
 EVIDENCE_CHARS = 200
-
-AI_SOURCE_TYPES = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia"})
-"""IPTC digital source types that declare generative AI (cv.iptc.org/newscodes/
-digitalsourcetype); `algorithmicMedia` (no training data) is deliberately absent."""
 
 GENERATOR_NAMES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE))
@@ -431,7 +429,7 @@ def _judge(fields: list[_Field], fmt: str | None, error: str | None) -> Generato
             continue
         if f.key == "DigitalSourceType":
             source_type = source_type or f.value
-            ai = _term(f.value) in AI_SOURCE_TYPES
+            ai = iptc.term(f.value) in iptc.GENERATIVE_AI
             evidence.append(_say(f, "declares generative AI" if ai else "not a generative-AI type"))
             continue
         hit = _structured(f) or _tool_name(f)
@@ -442,7 +440,7 @@ def _judge(fields: list[_Field], fmt: str | None, error: str | None) -> Generato
         evidence.append(line)
     generator = min(found, key=lambda item: item[0])[1] if found else None
     ai_declared = generator is not None or (
-        source_type is not None and _term(source_type) in AI_SOURCE_TYPES
+        source_type is not None and iptc.term(source_type) in iptc.GENERATIVE_AI
     )
     return GeneratorMetadata(
         generator=generator,
@@ -536,10 +534,6 @@ def _json_object(text: str) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _term(source_type: str) -> str:
-    return source_type.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _say(f: _Field, why: str) -> str:

@@ -35,17 +35,13 @@ from typing import Any
 
 import c2pa
 
+from synthwatch.operators.signals import iptc
+
 OFFLINE_SETTINGS: Mapping[str, Any] = {
     "verify": {"remote_manifest_fetch": False, "ocsp_fetch": False},
     "core": {"allowed_network_hosts": []},
 }
 """c2pa-rs settings applied to every read: no remote manifests, no OCSP, no hosts at all."""
-
-IPTC_SOURCE_TYPE_PREFIX = "http://cv.iptc.org/newscodes/digitalsourcetype/"
-AI_SOURCE_TYPES = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia"})
-"""IPTC digital source types that declare generative AI (https://cv.iptc.org/newscodes/
-digitalsourcetype/). `algorithmicMedia` is deliberately absent: IPTC defines it as media
-made by an algorithm *without* sampled training data (procedural or fractal images)."""
 
 TRUST_CODES = frozenset({"signingCredential.untrusted", "timeStamp.untrusted"})
 """C2PA status codes that only say a certificate is on no configured trust list."""
@@ -123,7 +119,9 @@ class Credentials:
             where = " by an ingredient" if self.ai_declared_by_ingredient else ""
             parts.append(f"declares generative AI{where}")
         elif self.digital_source_types:
-            parts.append("source type " + ", ".join(_term(t) for t in self.digital_source_types))
+            parts.append(
+                "source type " + ", ".join(iptc.term(t) for t in self.digital_source_types)
+            )
         return ", ".join(parts)
 
 
@@ -226,8 +224,8 @@ def _from_store(store: dict[str, Any]) -> Credentials:
         )
     own = tuple(_source_types(active))
     inherited = tuple(t for t in _ingredient_source_types(active, manifests) if t not in own)
-    ai_own = any(_term(t) in AI_SOURCE_TYPES for t in own)
-    ai_inherited = any(_term(t) in AI_SOURCE_TYPES for t in inherited)
+    ai_own = iptc.declares_generative_ai(own)
+    ai_inherited = iptc.declares_generative_ai(inherited)
     signature = active.get("signature_info")
     signature = signature if isinstance(signature, dict) else {}
     return Credentials(
@@ -351,11 +349,6 @@ def _claim_generator(manifest: dict[str, Any]) -> str | None:
             version = info.get("version")
             names.append(f"{info['name']}/{version}" if version else str(info["name"]))
     return " ".join(names) or None
-
-
-def _term(source_type: str) -> str:
-    """The IPTC term of a source type given as a full URI or a bare term."""
-    return source_type.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _list(value: Any) -> list[Any]:

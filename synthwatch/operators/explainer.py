@@ -16,16 +16,16 @@ import numpy.typing as npt
 import structlog
 from torch import nn
 
+from synthwatch.errors import ModelUnavailable
 from synthwatch.models.mobilenet import scene_view
 from synthwatch.models.mtcnn import Detection
 from synthwatch.models.registry import ModelStore
-from synthwatch.operators import explain as cam
 from synthwatch.operators import faces as faces_op
-from synthwatch.operators import fuse, sandbox
-from synthwatch.operators.errors import ModelUnavailable
-from synthwatch.operators.evidence import EvidenceFrame, Overlay, driving_frames
-from synthwatch.pipeline.settings import Settings
-from synthwatch.pipeline.signals import forensic_overlays
+from synthwatch.operators import fuse, gradcam, sandbox
+from synthwatch.operators.evidence import EvidenceFrame, Overlay, closest, driving_frames
+from synthwatch.operators.sample import SampleSettings
+from synthwatch.operators.score import CROP_SCALE
+from synthwatch.operators.signals.interpret import forensic_overlays
 from synthwatch.schemas import FrameResult, Signal, Verdict
 
 MAX_CAM_SIDE = 512
@@ -47,9 +47,25 @@ log = structlog.get_logger("synthwatch.explain")
 
 
 class Explainer:
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
-        self.settings = settings
+    """Draws the evidence images of a verdict with the weights in `store`.
+
+    `review_threshold`: faces and frames scored under it get no heatmap. `forensics`:
+    whether a still's first driving frame carries its forensic maps. `sample`: how
+    `evidence_frames` re-decodes the driving frames.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        review_threshold: float,
+        forensics: bool = True,
+        sample: SampleSettings | None = None,
+    ) -> None:
         self.store = store
+        self.review_threshold = review_threshold
+        self.forensics = forensics
+        self.sample = sample or SampleSettings()
         self._modules: dict[str, nn.Module] = {}
 
     def explains(self, sig: Signal) -> bool:
@@ -82,7 +98,7 @@ class Explainer:
     ) -> list[Overlay]:
         """Grad-CAM of the signal that scored highest in the frame's modality: one per
         face at or above the review threshold, or one for the whole frame."""
-        review = self.settings.policy.review_threshold
+        review = self.review_threshold
         out: list[Overlay] = []
         if frame.region == "faces":
             sig = _top(verdict.signals, "face")
@@ -93,18 +109,20 @@ class Explainer:
                 if face.score < review:
                     continue
                 det = Detection(face.x0, face.y0, face.x1, face.y1, face.confidence)
-                crops = faces_op.crop_faces(image, [det], scale=1.3, size=size, min_confidence=0)
+                crops = faces_op.crop_faces(
+                    image, [det], scale=CROP_SCALE, size=size, min_confidence=0
+                )
                 if not crops:
                     continue
                 crop = crops[0].image
                 batch = crop.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
-                heat = cam.grad_cam(self.module(sig.name), batch)[0]
+                heat = gradcam.grad_cam(self.module(sig.name), batch)[0]
                 out.append(
                     Overlay(
                         name=f"heatmap_face{i}",
                         role="heatmap",
-                        png=cam.png(cam.overlay(crop, heat)),
-                        note=f"Grad-CAM of {sig.model} on face {i} (crop 1.3x the box)",
+                        png=gradcam.png(gradcam.overlay(crop, heat)),
+                        note=f"Grad-CAM of {sig.model} on face {i} (crop {CROP_SCALE}x the box)",
                     )
                 )
             return out
@@ -123,12 +141,12 @@ class Explainer:
             square = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
             where = f"centred {side}x{side} square at native resolution"
         batch = square.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
-        heat = cam.grad_cam(self.module(sig.name), batch)[0]
+        heat = gradcam.grad_cam(self.module(sig.name), batch)[0]
         out.append(
             Overlay(
                 name="heatmap_frame",
                 role="heatmap",
-                png=cam.png(cam.overlay(square, heat)),
+                png=gradcam.png(gradcam.overlay(square, heat)),
                 note=f"Grad-CAM of {sig.model}, {where}",
             )
         )
@@ -144,11 +162,11 @@ class Explainer:
         out: list[EvidenceFrame] = []
         first = True
         for fr in driving_frames(verdict):
-            ev = min(decoded, key=lambda e: abs(e.time_s - fr.time_s), default=None)
-            if ev is None or abs(ev.time_s - fr.time_s) >= 0.5:
+            ev = closest(decoded, fr.time_s)
+            if ev is None:
                 continue
             overlays = self.overlays(verdict, fr, ev.image)
-            if first and verdict.media_type == "image" and self.settings.models.forensics:
+            if first and verdict.media_type == "image" and self.forensics:
                 overlays += forensic_overlays(path, ev.image)
             first = False
             out.append(EvidenceFrame(time_s=fr.time_s, image=ev.image, overlays=tuple(overlays)))
@@ -163,6 +181,6 @@ def evidence_frames(verdict: Verdict, path: Path, explainer: Explainer) -> list[
         return []
     decoded = [
         EvidenceFrame(time_s=f.time_s, image=f.image)
-        for f in sandbox.frames_at(path, times, explainer.settings.sample)
+        for f in sandbox.frames_at(path, times, explainer.sample)
     ]
     return explainer.evidence(verdict, decoded, path)

@@ -6,76 +6,26 @@ every line logged while a record is processed carries them. Standard-library log
 
 Every line, ours or a library's, passes `redact_secrets` last before it is rendered:
 URLs lose their credentials and signature-like query values, and values logged under a
-secret-sounding name are replaced. Tracebacks are rendered to text first so that the
-same redaction covers them (and no traceback prints local variables).
+secret-sounding name are replaced (`synthwatch.operators.redact` knows which).
+Tracebacks are rendered to text first so that the same redaction covers them (and no
+traceback prints local variables).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 import structlog
 
-from synthwatch.operators import netguard
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>`]+")
-# A second pass over what `netguard.redact_url` returns: it keeps `GoogleAccessId` (the
-# signer's identity), and a URL it misparses (e.g. an "@" in the query after a port)
-# can leave signature pairs outside the query it redacts.
-_SECRET_PARAM = re.compile(
-    r"(?P<name>[?&;][^=&;?#\s]*"
-    r"(?:sig|token|key|secret|pass|auth|credential|session|policy|x-amz-|x-goog-|googleaccessid)"
-    r"[^=&;?#\s]*=)[^&;#\s]*",
-    re.IGNORECASE,
-)
-_SECRET_NAME = re.compile(
-    r"passw|secret|token|credential|authorization|api_?key|access_key", re.IGNORECASE
-)
-REDACTED = "REDACTED"
-
-
-def redact_urls(text: str) -> str:
-    """`text` with every URL in it made safe to show (see `netguard.redact_url`)."""
-    return _URL.sub(
-        lambda m: _SECRET_PARAM.sub(rf"\g<name>{REDACTED}", netguard.redact_url(m.group())), text
-    )
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact_urls(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if isinstance(value, dict):
-        return _redact_items(value)
-    if isinstance(value, (list, tuple)):
-        return [_redact(v) for v in value]
-    # Both renderers would show repr(value); redact that text instead.
-    return redact_urls(repr(value))
-
-
-def _redact_items(items: Mapping[Any, Any]) -> dict[Any, Any]:
-    return {k: REDACTED if _holds_secret(k, v) else _redact(v) for k, v in items.items()}
-
-
-def _holds_secret(key: object, value: object) -> bool:
-    """A value logged under a secret-sounding name; counts and flags are left alone."""
-    return (
-        isinstance(key, str)
-        and _SECRET_NAME.search(key) is not None
-        and not isinstance(value, (bool, int, float))
-    )
+from synthwatch.operators.redact import redact_fields
 
 
 def redact_secrets(
     logger: object, name: str, event: structlog.types.EventDict
 ) -> structlog.types.EventDict:
     """Processor: no credential or URL signature reaches a log line."""
-    return _redact_items(event)
+    return redact_fields(event)
 
 
 def configure(level: str = "INFO", json: bool | None = None) -> None:
@@ -116,8 +66,3 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
     root.setLevel(level.upper())
     for noisy in ("botocore", "urllib3", "httpx", "httpcore", "aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-
-
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    log: structlog.stdlib.BoundLogger = structlog.get_logger(name)
-    return log

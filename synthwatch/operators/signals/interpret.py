@@ -1,15 +1,14 @@
 """The non-learned signals as verdict `Signal`s: C2PA, generator metadata, forensic maps.
 
-The operators in `synthwatch.operators.signals` say what a file contains; this module
+The other modules of `synthwatch.operators.signals` say what a file contains; this one
 decides what that means for a verdict:
 
 - a valid C2PA manifest that declares the media synthetic decides the verdict on its
   own (`decides="flag"`): the creator signed that statement. Synthetic means an IPTC
-  digital source type of `trainedAlgorithmicMedia` or
-  `compositeWithTrainedAlgorithmicMedia` (generative AI), and also `algorithmicMedia`
-  (made by an algorithm without training data) and `compositeSynthetic`: for a scanner
-  of synthetic media, a signed statement that the pixels were not captured by a camera
-  is the answer whether or not a model was trained;
+  digital source type in `iptc.SYNTHETIC`: generative AI, and also media made by an
+  algorithm without training data: for a scanner of synthetic media, a signed
+  statement that the pixels were not captured by a camera is the answer whether or
+  not a model was trained;
 - a manifest that fails validation is a finding in itself (`decides="review"`):
   content credentials were attached and then the content or the manifest changed;
 - a valid manifest that declares nothing about AI is reported and not fused: anyone can
@@ -32,25 +31,10 @@ import numpy as np
 import numpy.typing as npt
 
 from synthwatch.operators.evidence import Overlay
-from synthwatch.operators.signals import forensic, metadata, provenance
+from synthwatch.operators.signals import forensic, iptc, metadata, provenance
 from synthwatch.schemas import Provenance, Signal
 
 METADATA_SCORE = 0.99
-SYNTHETIC_SOURCE_TYPES = frozenset(
-    {
-        "trainedAlgorithmicMedia",
-        "compositeWithTrainedAlgorithmicMedia",
-        "algorithmicMedia",
-        "compositeSynthetic",
-    }
-)
-
-
-def declares_synthetic(source_types: tuple[str, ...] | list[str]) -> list[str]:
-    """The synthetic IPTC digital source types among `source_types` (URI or bare term)."""
-    return [t for t in source_types if t.rstrip("/").rsplit("/", 1)[-1] in SYNTHETIC_SOURCE_TYPES]
-
-
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -94,7 +78,7 @@ def provenance_signals(path: Path, mime: str) -> tuple[Provenance, list[Signal],
     )
     if cred.error:
         notes.append(f"C2PA manifest could not be read: {cred.error}")
-    synthetic = declares_synthetic(cred.digital_source_types)
+    synthetic = iptc.declares_synthetic(cred.digital_source_types)
     if cred.present and cred.valid and (cred.ai_declared or synthetic):
         signals.append(
             _c2pa(

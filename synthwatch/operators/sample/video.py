@@ -1,44 +1,19 @@
-"""Probe a media file against allow-lists, then sample frames and audio from it cheaply.
+"""Audio and video containers through PyAV (FFmpeg): probe, index, sample, redraw.
 
-`probe` says what a file is and refuses what the allow-lists do not name; `sample` draws
-the frames and audio the detectors see; `frames_at` redraws frames at given times for
-evidence. Audio and video go through PyAV (FFmpeg), restricted to the `file` protocol and
-to the demuxers named below; stills and animated GIF/WebP go through Pillow, whose header
-is read (and its pixel count checked) before any pixel is decoded.
-
-Video sampling follows the measurements in shared/PERF_NOTES.md:
-
-- `exact` mode ("smart seek"): one demux-only pass indexes every packet's timestamp and
-  the keyframes, then each target is reached by decoding forward, seeking only when a
-  keyframe lies between the current position and the target. Per-target seeking is 3.3x
-  slower than full decode on long GOPs; this is never slower than full decode. Frames
-  that nothing references and no target shows are not decoded on the way (40-45% of the
-  decoding of an x264 stream with B-frames); every frame returned is the full decode's.
-- `keyframes` mode: decode only the keyframe nearest each target (6x cheaper on short
-  GOPs, approximate), then top up with exact frames so a clip that has the frames never
-  yields fewer than asked.
-- `adaptive` mode: a keyframe for each target that has its own within half the target
-  spacing, exact frames for the rest: keyframes' cost on short GOPs, smart seek's on long
-  ones, and always as many distinct frames as exact mode.
-- One codec thread per decoder: the worker pool runs one item per thread, which beats
-  codec threading, and frame threading slows keyframe-only decode.
+Restricted to the `file` protocol and to the demuxers in `AV_FORMATS`; see the package
+docstring for the sampling strategies and the measurements behind them.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import itertools
 import math
-import re
-import struct
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import av
 import av.error
@@ -51,19 +26,23 @@ from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
-from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from synthwatch.operators.errors import CorruptMedia, LimitExceeded, UnsupportedMedia
-from synthwatch.operators.sniff import HEAD_BYTES, sniff
-from synthwatch.pipeline.settings import SampleSettings
-
-MediaType = Literal["video", "image", "audio"]
-
-MAX_SIDE = 1920
-"""Frames whose longest side exceeds this are downscaled (aspect kept) to bound memory:
-a 16 x 8K RGB sample would be 1.6 GB. Evidence images are drawn from these frames."""
-
-AUDIO_RATE = 16000
+from synthwatch.errors import CorruptMedia, LimitExceeded, UnsupportedMedia
+from synthwatch.models.speech import SAMPLE_RATE
+from synthwatch.operators.sample.common import (
+    Deadline,
+    Frame,
+    MediaInfo,
+    Sampled,
+    SampleSettings,
+    StreamInfo,
+    capped,
+    hms,
+    mpx,
+    read_head,
+    setting,
+    target_times,
+)
 
 MAX_FRAME_RATE = 240
 """Frames per second no real video exceeds (phones' slow-motion capture tops out here).
@@ -94,190 +73,6 @@ AUDIO_CODECS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-# Pillow format names. A camera JPEG carrying a second picture opens as "MPO" through the
-# JPEG plugin; it is a still, not an animation. HEIF needs the optional pillow-heif plugin
-# (`pip install 'synthwatch[heif]'`: its wheels bundle libheif and codecs under LGPL/GPL
-# terms, so it is not a default dependency); AVIF is Pillow's own.
-IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF")
-TIFF_COMPRESSIONS = frozenset(
-    {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits", "jpeg", "tiff_jpeg"}
-)
-"""TIFF codecs we decode: what cameras, scanners and image editors write. TIFF names
-dozens of others (CCITT fax, JBIG, old-style JPEG, ...), rare in uploads and with a long
-history of decoder bugs; they are refused by name before any pixel is decoded."""
-JPEG_MAX_REDUCTION = 8
-"""libjpeg decodes at 1/2, 1/4 or 1/8 scale straight from the DCT coefficients, so a JPEG
-up to 8x8 times `max_pixels` is sampled at reduced size without a full-size buffer."""
-ANIMATED_FORMATS = frozenset({"GIF", "WEBP", "PNG"})
-
-# EXIF orientation -> the transpose that displays the image upright (as ImageOps does).
-_EXIF_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One sampled frame. `image` is what detectors and evidence images are drawn from."""
-
-    index: int
-    """Position in the sample (or in the request, for `frames_at`)."""
-    time_s: float
-    """Presentation time of the decoded frame, not of the target it was chosen for."""
-    image: np.ndarray
-    """uint8 HxWx3 RGB at full resolution, or downscaled to `MAX_SIDE` on its longest side."""
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    index: int
-    type: str
-    """FFmpeg's stream type: video, audio, subtitle, data, attachment."""
-    codec: str | None
-    attached_pic: bool = False
-    """Cover art in an audio file: a picture, not a video track."""
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    """What `probe` found; everything in it has passed the allow-lists and caps."""
-
-    media_type: MediaType
-    container: str
-    """FFmpeg demuxer name (`mov,mp4,m4a,3gp,3g2,mj2`) or Pillow format (`jpeg`, `gif`)."""
-    streams: tuple[StreamInfo, ...]
-    video_codec: str | None
-    audio_codec: str | None
-    duration_s: float | None
-    width: int
-    """Display width (after EXIF or container rotation), before any downscaling."""
-    height: int
-    frame_rate: float | None
-    frame_count: int | None = None
-    """Frames in an animation, or in the video stream when the container says."""
-
-
-@dataclass(frozen=True)
-class Sampled:
-    media_type: MediaType
-    frames: list[Frame]
-    audio: np.ndarray | None
-    """float32 mono at 16 kHz, at most `max_audio_s` seconds; None without an audio track."""
-    duration_s: float
-    width: int
-    height: int
-    container: str
-    video_codec: str | None
-    audio_codec: str | None
-    keyframes: int | None
-    """Keyframes in the video stream (from the index pass); None for stills and audio."""
-    strategy: str
-    """Strategy that ran: smart-seek, keyframes, keyframes+exact, sequential (AVI, decoded
-    from the start), still, animated, audio."""
-    notes: list[str] = field(default_factory=list)
-    """What a cap cut short (the part of a long video or animation that was sampled, a
-    huge image decoded at reduced size), for the verdict's notes."""
-    sampled_s: float | None = None
-    """When a cap cut a video short, how much of it, from its start, frames were sampled
-    from: the time segments behind a frame score end there, not at `duration_s`. (The
-    audio's own length says the same for audio.)"""
-
-
-# --------------------------------------------------------------------------- public API
-
-
-def probe(path: Path, settings: SampleSettings) -> MediaInfo:
-    """Identify `path` and check it against the allow-lists and caps, decoding no pixels.
-
-    Raises UnsupportedMedia (unknown or refused format, codec, playlist), CorruptMedia
-    (a format we accept that does not parse), LimitExceeded (streams, pixels, duration,
-    animation frames).
-    """
-    path = Path(path)
-    head = _read_head(path)
-    if _looks_like_image(head):
-        with _open_image(path, head, settings) as image:
-            return _image_info(image, settings)
-    with _open_av(path, settings) as container, _av_errors():
-        return _av_info(container, settings)
-
-
-def sample(path: Path, settings: SampleSettings, *, media_type: str | None = None) -> Sampled:
-    """Sample frames (and audio) from `path` as `settings` ask.
-
-    `media_type` is what the caller's sniffing expected; an image where audio/video was
-    expected, or the reverse, is refused, because a file that parses as two things is
-    how a polyglot slips past one parser into another.
-
-    Raises UnsupportedMedia, CorruptMedia, LimitExceeded (including `max_decode_s`).
-    """
-    path = Path(path)
-    deadline = _Deadline.after(settings.max_decode_s)
-    head = _read_head(path)
-    if _looks_like_image(head):
-        if media_type not in (None, "image", "video"):
-            raise UnsupportedMedia(f"expected {media_type}, found an image")
-        with _open_image(path, head, settings) as image:
-            info = _image_info(image, settings)
-            return _sample_image(image, info, settings, deadline)
-    if media_type == "image":
-        raise UnsupportedMedia("expected an image, found audio/video")
-    with _open_av(path, settings) as container, _av_errors():
-        info = _av_info(container, settings)
-        return _sample_av(container, info, settings, deadline)
-
-
-def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> list[Frame]:
-    """Decode the frame displayed at each time in `times_s`, one Frame per time, in order.
-
-    A still answers every time with its one image; an animation with the frame showing
-    at that time. Raises like `sample`; an audio-only file has no frames (UnsupportedMedia).
-    """
-    path = Path(path)
-    deadline = _Deadline.after(settings.max_decode_s)
-    if not times_s:
-        return []
-    head = _read_head(path)
-    if _looks_like_image(head):
-        with _open_image(path, head, settings) as image:
-            info = _image_info(image, settings)
-            with _image_errors(settings):
-                return _image_frames_at(image, info, times_s, settings, deadline)
-    with _open_av(path, settings) as container, _av_errors():
-        info = _av_info(container, settings)
-        if info.media_type != "video":
-            raise UnsupportedMedia("no video stream to draw frames from")
-        stream = _video_stream(container)
-        index = _index_packets(container, stream, settings, deadline)
-        decoder = _Decoder(container, stream, index, settings, deadline)
-        picks = [index.pts_at(index.to_pts(t)) for t in times_s]
-        decoder.wanted(picks)
-        decoded = {pts: decoder.exact(pts) for pts in sorted(set(picks))}
-        return [Frame(i, *decoded[pts]) for i, pts in enumerate(picks)]
-
-
-# --------------------------------------------------------------------------- sniffing
-
-
-def _read_head(path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            return f.read(HEAD_BYTES)
-    except OSError as exc:
-        raise UnsupportedMedia(f"cannot read file: {exc.strerror}") from None
-
-
-def _looks_like_image(head: bytes) -> bool:
-    """The same judgement as fetch's: an image goes to Pillow, anything else to PyAV."""
-    found = sniff(head)
-    return found is not None and found[1] == "image"
-
 
 def _looks_like_av(head: bytes) -> bool:
     """Magic numbers of the accepted A/V containers: tells a broken file from a foreign one."""
@@ -290,11 +85,8 @@ def _looks_like_av(head: bytes) -> bool:
     )
 
 
-# --------------------------------------------------------------------------- PyAV side
-
-
 @contextmanager
-def _av_errors() -> Iterator[None]:
+def av_errors() -> Iterator[None]:
     """Turn FFmpeg failures after a successful open into the project's error types."""
     try:
         yield
@@ -309,8 +101,8 @@ def _strerror(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or type(exc).__name__)
 
 
-def _open_av(path: Path, settings: SampleSettings) -> InputContainer:
-    head = _read_head(path)
+def open_av(path: Path, settings: SampleSettings) -> InputContainer:
+    head = read_head(path)
     container_options = {
         # The `file` protocol only, and only the demuxers named above: a playlist or
         # concat list is refused before it can open another file or a URL. The
@@ -341,7 +133,7 @@ def _open_av(path: Path, settings: SampleSettings) -> InputContainer:
         raise UnsupportedMedia("not a media format we accept") from None
 
 
-def _av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
+def av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
     fmt = container.format.name
     if not set(fmt.split(",")) & AV_FORMATS:  # format_whitelist already refused it
         raise UnsupportedMedia(f"container {fmt} not accepted")
@@ -383,8 +175,8 @@ def _av_info(container: InputContainer, settings: SampleSettings) -> MediaInfo:
             raise CorruptMedia("video stream without dimensions")
         if width * height > settings.max_pixels:
             raise LimitExceeded(
-                f"video is {width}x{height} ({_mpx(width * height)}), over the cap of "
-                f"{_mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels}); "
+                f"video is {width}x{height} ({mpx(width * height)}), over the cap of "
+                f"{mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels}); "
                 "video frames cannot be decoded at a reduced size"
             )
         rate = video.average_rate or video.guessed_rate
@@ -415,7 +207,7 @@ def _codec_name(stream: av.stream.Stream) -> str | None:
         return None
 
 
-def _video_stream(container: InputContainer) -> VideoStream:
+def video_stream(container: InputContainer) -> VideoStream:
     for stream in container.streams.video:
         if not stream.disposition & Disposition.attached_pic:
             return stream
@@ -458,7 +250,7 @@ class _Index:
 
 
 _SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "vp8", "vp9"})
-"""Codecs whose non-reference frames `_Decoder.exact` may skip (each checked by a test
+"""Codecs whose non-reference frames `Decoder.exact` may skip (each checked by a test
 against a full decode, with B-frames, alt-ref or open GOPs as their encoders make them)."""
 
 _PHANTOM_FRAMES = 1000
@@ -477,21 +269,8 @@ def _too_many_frames(count: int | str, settings: SampleSettings) -> str:
     )
 
 
-def _mpx(pixels: int) -> str:
-    return f"{pixels / 1e6:.1f} Mpx"
-
-
-def _hms(seconds: float) -> str:
-    """A duration as a person reads it: 4 h 10 min, 12 min 5 s, 42.0 s."""
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
-    if seconds >= 60:
-        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
-    return f"{seconds:.1f} s"
-
-
-def _index_packets(
-    container: InputContainer, stream: VideoStream, settings: SampleSettings, deadline: _Deadline
+def index_packets(
+    container: InputContainer, stream: VideoStream, settings: SampleSettings, deadline: Deadline
 ) -> _Index:
     """Index the video stream's first `max_duration_s` seconds (all of it when shorter):
     packets past that are not read, so a long recording costs what its cap allows."""
@@ -540,7 +319,7 @@ def _index_packets(
     return _Index(float(stream.time_base), all_pts, keyframes, end, truncated)
 
 
-class _Decoder:
+class Decoder:
     """Decodes one video stream forward, seeking only when a keyframe lies ahead."""
 
     def __init__(
@@ -549,7 +328,7 @@ class _Decoder:
         stream: VideoStream,
         index: _Index,
         settings: SampleSettings,
-        deadline: _Deadline,
+        deadline: Deadline,
     ) -> None:
         self._container = container
         self._stream = stream
@@ -702,7 +481,7 @@ class _Decoder:
         return self._pending.popleft()
 
     def _convert(self, frame: VideoFrame) -> tuple[float, np.ndarray]:
-        width, height = _capped(frame.width, frame.height)
+        width, height = capped(frame.width, frame.height)
         rgb = self._reformatter.reformat(
             frame,
             width=width,
@@ -719,31 +498,8 @@ class _Decoder:
         return self._index.seconds(frame.pts or 0), image
 
 
-def _capped(width: int, height: int) -> tuple[int, int]:
-    longest = max(width, height)
-    if longest <= MAX_SIDE:
-        return width, height
-    scale = MAX_SIDE / longest
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _targets(start: float, duration: float, settings: SampleSettings) -> list[float]:
-    """Target times, each in the middle of an equal slice of the duration."""
-    if settings.seconds_per_frame:
-        step = settings.seconds_per_frame
-        count = max(1, math.ceil(duration / step - 0.5))
-        if count <= settings.max_frames:
-            return [start + step * (i + 0.5) for i in range(count)]
-        # More than max_frames at that rate: spread max_frames over the whole item
-        # rather than covering only its first part.
-        count = settings.max_frames
-    else:
-        count = max(1, min(settings.frames, settings.max_frames))
-    return [start + duration * (i + 0.5) / count for i in range(count)]
-
-
-def _sample_av(
-    container: InputContainer, info: MediaInfo, settings: SampleSettings, deadline: _Deadline
+def sample_av(
+    container: InputContainer, info: MediaInfo, settings: SampleSettings, deadline: Deadline
 ) -> Sampled:
     frames: list[Frame] = []
     notes: list[str] = []
@@ -752,22 +508,22 @@ def _sample_av(
     strategy = "audio"
     duration_s = info.duration_s or 0.0
     if info.media_type == "video":
-        stream = _video_stream(container)
-        index = _index_packets(container, stream, settings, deadline)
+        stream = video_stream(container)
+        index = index_packets(container, stream, settings, deadline)
         span_s = min(index.seconds(index.end - index.pts[0]), settings.max_duration_s)
         duration_s = info.duration_s or span_s
         if index.truncated:
             sampled_s = span_s
-            total = f"{_hms(duration_s)}" if duration_s > span_s else "a longer stream"
+            total = f"{hms(duration_s)}" if duration_s > span_s else "a longer stream"
             notes.append(
-                f"video: only the first {_hms(span_s)} of {total} were sampled "
+                f"video: only the first {hms(span_s)} of {total} were sampled "
                 f"(cap {setting('max_duration_s')}={settings.max_duration_s:g})"
             )
         targets = [
             index.pts_at(index.to_pts(t))
-            for t in _targets(index.seconds(index.pts[0]), span_s, settings)
+            for t in target_times(index.seconds(index.pts[0]), span_s, settings)
         ]
-        decoder = _Decoder(container, stream, index, settings, deadline)
+        decoder = Decoder(container, stream, index, settings, deadline)
         decoder.wanted(targets)
         if decoder.renumbers:  # AVI: keyframes carry decode-order labels, so no shortcut
             decoded = {pts: decoder.exact(pts) for pts in sorted(set(targets))}
@@ -787,10 +543,10 @@ def _sample_av(
     if settings.audio and container.streams.audio:
         audio = _decode_audio(container, container.streams.audio[0], settings, deadline)
         if info.media_type == "audio" and not duration_s:
-            duration_s = len(audio) / AUDIO_RATE
-        if len(audio) >= settings.max_audio_s * AUDIO_RATE and duration_s > settings.max_audio_s:
+            duration_s = len(audio) / SAMPLE_RATE
+        if len(audio) >= settings.max_audio_s * SAMPLE_RATE and duration_s > settings.max_audio_s:
             notes.append(
-                f"audio: only the first {_hms(settings.max_audio_s)} of {_hms(duration_s)} "
+                f"audio: only the first {hms(settings.max_audio_s)} of {hms(duration_s)} "
                 f"were decoded (cap {setting('max_audio_s')}={settings.max_audio_s:g})"
             )
     return Sampled(
@@ -811,7 +567,7 @@ def _sample_av(
 
 
 def _sample_keyframes(
-    decoder: _Decoder, index: _Index, targets: Sequence[int]
+    decoder: Decoder, index: _Index, targets: Sequence[int]
 ) -> tuple[dict[int, tuple[float, np.ndarray]], str]:
     """Nearest keyframe per target; exact frames fill in when keyframes are too few.
 
@@ -845,7 +601,7 @@ def _sample_keyframes(
 
 
 def _sample_adaptive(
-    decoder: _Decoder, index: _Index, targets: Sequence[int]
+    decoder: Decoder, index: _Index, targets: Sequence[int]
 ) -> tuple[dict[int, tuple[float, np.ndarray]], str]:
     """A keyframe for each target that has one of its own close by, exact frames for the rest.
 
@@ -897,9 +653,9 @@ def _sample_adaptive(
 
 
 def _decode_audio(
-    container: InputContainer, stream: AudioStream, settings: SampleSettings, deadline: _Deadline
+    container: InputContainer, stream: AudioStream, settings: SampleSettings, deadline: Deadline
 ) -> np.ndarray:
-    limit = int(settings.max_audio_s * AUDIO_RATE)
+    limit = int(settings.max_audio_s * SAMPLE_RATE)
     if container.streams.video:  # the video pass left the demuxer at the end
         container.seek(0)
     stream.codec_context.thread_count = 1
@@ -918,7 +674,7 @@ def _decode_audio(
             if resampler is None or shape != source:
                 if resampler is not None:
                     out += resampler.resample(None)
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
                 source = shape
             out += resampler.resample(frame)
             for resampled in out:
@@ -933,305 +689,3 @@ def _decode_audio(
     if not chunks:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(chunks)[:limit].astype(np.float32, copy=False)
-
-
-@dataclass(frozen=True)
-class _Deadline:
-    at: float
-    budget_s: float
-
-    @classmethod
-    def after(cls, seconds: float) -> _Deadline:
-        return cls(time.monotonic() + seconds, seconds)
-
-    def check(self) -> None:
-        now = time.monotonic()
-        if now > self.at:
-            elapsed = now - self.at + self.budget_s
-            raise LimitExceeded(
-                f"decoding took {elapsed:.1f} s, over the cap of {self.budget_s:g} s "
-                f"({setting('max_decode_s')})"
-            )
-
-
-def setting(name: str) -> str:
-    """How a user sets a sampling cap: the environment variable naming it."""
-    return f"SYNTHWATCH_SAMPLE__{name.upper()}"
-
-
-# --------------------------------------------------------------------------- Pillow side
-
-
-# What Pillow raises on a broken file: truncation is OSError, a bad header often
-# SyntaxError; the GIF plugin indexes past the end of a truncated block (IndexError).
-_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
-
-
-@contextmanager
-def _image_errors(settings: SampleSettings) -> Iterator[None]:
-    """Turn Pillow's failures into the project's error types."""
-    try:
-        yield
-    except Image.DecompressionBombError as exc:
-        raise LimitExceeded(_bomb(exc, settings)) from None
-    except _PILLOW_ERRORS as exc:
-        raise CorruptMedia(f"image does not decode: {type(exc).__name__}") from None
-
-
-def _bomb(exc: Image.DecompressionBombError, settings: SampleSettings) -> str:
-    """Pillow's own size check fired (the sandbox sets its cap to ours): say so in the
-    words of our other limits."""
-    found = re.search(r"\((\d+) pixels\)", str(exc))
-    size = f"{_mpx(int(found.group(1)))} " if found else ""
-    return (
-        f"image of {size}is over the cap of {_mpx(settings.max_pixels)} "
-        f"({setting('max_pixels')}={settings.max_pixels})"
-    )
-
-
-def register_plugins() -> None:
-    """Every Pillow plugin we accept, HEIF's too when its optional package is installed."""
-    Image.init()  # registers WEBP; Image.open only preloads a few plugins by itself
-    with contextlib.suppress(ImportError):
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
-
-
-def _open_image(path: Path, head: bytes, settings: SampleSettings) -> Image.Image:
-    register_plugins()
-    kind = sniff(head)
-    image: Image.Image
-    try:
-        # Image.open reads the header only; pixels are decoded on load(). It also
-        # refuses, from the header, an image over Pillow's pixel cap (the sandbox sets
-        # it to ours), except for a JPEG: that may be larger, as it decodes at down to
-        # 1/8 scale, so it is opened by its plugin and `_check_image` judges its size.
-        if kind == ("image/jpeg", "image"):
-            image = JpegImagePlugin.JpegImageFile(path)
-        else:
-            image = Image.open(path, formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise LimitExceeded(_bomb(exc, settings)) from None
-    except UnidentifiedImageError:
-        if kind in (("image/heic", "image"), ("image/heif", "image")):
-            raise UnsupportedMedia(
-                "HEIF/HEIC images need the optional pillow-heif plugin: "
-                "pip install 'synthwatch[heif]'"
-            ) from None
-        raise UnsupportedMedia("image format not accepted or unreadable") from None
-    except _PILLOW_ERRORS as exc:
-        raise CorruptMedia(f"image header does not parse: {type(exc).__name__}") from None
-    try:
-        _check_image(image, settings)
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
-def _check_image(image: Image.Image, settings: SampleSettings) -> None:
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise CorruptMedia("image without dimensions")
-    fmt = (image.format or "").upper()
-    if fmt == "TIFF":
-        compression = str(image.info.get("compression", "raw"))
-        if compression not in TIFF_COMPRESSIONS:
-            raise UnsupportedMedia(f"TIFF compression {compression!r} not accepted")
-    pixels = width * height
-    if pixels <= settings.max_pixels:
-        return
-    over = (
-        f"image is {width}x{height} ({_mpx(pixels)}), over the cap of "
-        f"{_mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels})"
-    )
-    if fmt not in ("JPEG", "MPO"):
-        raise LimitExceeded(f"{over}; only JPEG can be decoded at a reduced size")
-    if pixels > settings.max_pixels * JPEG_MAX_REDUCTION**2:
-        raise LimitExceeded(
-            f"{over}, even at the 1/{JPEG_MAX_REDUCTION} scale JPEG can be decoded at"
-        )
-
-
-@dataclass
-class _Animation:
-    starts_s: list[float] = field(default_factory=list)
-    duration_s: float = 0.0
-
-
-def _image_info(image: Image.Image, settings: SampleSettings) -> MediaInfo:
-    fmt = (image.format or "").upper()
-    n_frames = _frame_count(image, settings)
-    width, height = image.size
-    if _orientation(image) in (5, 6, 7, 8):
-        width, height = height, width
-    animated = n_frames > 1 and fmt in ANIMATED_FORMATS
-    return MediaInfo(
-        media_type="video" if animated else "image",
-        container=fmt.lower(),
-        streams=(StreamInfo(0, "video", fmt.lower()),),
-        video_codec=fmt.lower(),
-        audio_codec=None,
-        duration_s=None,
-        width=width,
-        height=height,
-        frame_rate=None,
-        frame_count=n_frames,
-    )
-
-
-def _frame_count(image: Image.Image, settings: SampleSettings) -> int:
-    with _image_errors(settings):
-        return int(getattr(image, "n_frames", 1))
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block must not sink an otherwise good image
-        return 1
-
-
-def _image_array(image: Image.Image, orientation: int) -> np.ndarray:
-    rgb = image.convert("RGB")
-    if max(rgb.size) > MAX_SIDE:
-        rgb = rgb.resize(_capped(*rgb.size), Image.Resampling.BOX)
-    if orientation in _EXIF_TRANSPOSE:
-        rgb = rgb.transpose(_EXIF_TRANSPOSE[orientation])
-    return np.asarray(rgb, dtype=np.uint8).copy()
-
-
-def _seek(image: Image.Image, n: int, settings: SampleSettings) -> None:
-    """Go to frame `n` of an animation, refusing a canvas grown past the pixel cap: a
-    GIF frame may lie outside the screen the header declared, and Pillow then enlarges
-    the image (its own bomb check only stops far above our cap)."""
-    image.seek(n)
-    width, height = image.size
-    if width * height > settings.max_pixels:
-        raise LimitExceeded(
-            f"animation frame {n} grows the image to {width}x{height} "
-            f"({_mpx(width * height)}), over the cap of {_mpx(settings.max_pixels)} "
-            f"({setting('max_pixels')}={settings.max_pixels})"
-        )
-
-
-def _animation_timeline(
-    image: Image.Image, settings: SampleSettings, deadline: _Deadline
-) -> _Animation:
-    """Start time of each frame, of the first `max_image_frames` frames at most."""
-    timeline = _Animation()
-    elapsed_ms = 0  # whole milliseconds, so times do not drift by float rounding
-    for i in range(min(_frame_count(image, settings), settings.max_image_frames)):
-        deadline.check()
-        _seek(image, i, settings)
-        duration_ms = round(float(image.info.get("duration") or 0))
-        timeline.starts_s.append(elapsed_ms / 1000)
-        # Browsers show frames of 10 ms or less for 100 ms; so do we.
-        elapsed_ms += duration_ms if duration_ms > 10 else 100
-    timeline.duration_s = elapsed_ms / 1000
-    return timeline
-
-
-def _sample_image(
-    image: Image.Image, info: MediaInfo, settings: SampleSettings, deadline: _Deadline
-) -> Sampled:
-    notes: list[str] = []
-    with _image_errors(settings):
-        if info.media_type == "image":
-            reduced = _draft(image, settings)
-            if reduced is not None:
-                notes.append(reduced)
-            frames = [Frame(0, 0.0, _image_array(image, _orientation(image)))]
-            duration_s, strategy = 0.0, "still"
-        else:
-            timeline = _animation_timeline(image, settings, deadline)
-            total = info.frame_count or len(timeline.starts_s)
-            if total > len(timeline.starts_s):
-                notes.append(
-                    f"animation: only the first {len(timeline.starts_s)} of {total} frames "
-                    f"({_hms(timeline.duration_s)}) were sampled (cap "
-                    f"{setting('max_image_frames')}={settings.max_image_frames})"
-                )
-            targets = _targets(0.0, timeline.duration_s, settings)
-            wanted = sorted({_animation_frame(timeline, t) for t in targets})
-            frames = []
-            for i, n in enumerate(wanted):
-                deadline.check()
-                _seek(image, n, settings)
-                frames.append(Frame(i, timeline.starts_s[n], _image_array(image, 1)))
-            duration_s, strategy = timeline.duration_s, "animated"
-    return Sampled(
-        media_type=info.media_type,
-        frames=frames,
-        audio=None,
-        duration_s=duration_s,
-        width=info.width,
-        height=info.height,
-        container=info.container,
-        video_codec=info.video_codec,
-        audio_codec=None,
-        keyframes=None,
-        strategy=strategy,
-        notes=notes,
-    )
-
-
-def _draft(image: Image.Image, settings: SampleSettings) -> str | None:
-    """Ask a large JPEG to decode at 1/2, 1/4 or 1/8 scale (free: libjpeg scales the DCT
-    coefficients, so no full-size buffer exists): to what the frame is shrunk to anyway
-    (`MAX_SIDE`), and always to within `max_pixels`. A note when the image was over the
-    pixel cap."""
-    if (image.format or "").upper() not in ("JPEG", "MPO"):
-        return None
-    width, height = image.size
-    over = width * height > settings.max_pixels
-    if max(width, height) <= MAX_SIDE and not over:
-        return None
-    request = _capped(width, height)
-    if over:
-        # libjpeg's scaled sizes round up; the largest scale whose result fits the cap.
-        scale = next(
-            (
-                1 / d
-                for d in (2, 4, JPEG_MAX_REDUCTION)
-                if math.ceil(width / d) * math.ceil(height / d) <= settings.max_pixels
-            ),
-            1 / JPEG_MAX_REDUCTION,
-        )
-        fit = (math.ceil(width * scale), math.ceil(height * scale))
-        request = (min(request[0], fit[0]), min(request[1], fit[1]))
-    image.draft("RGB", request)
-    if not over:
-        return None
-    return (
-        f"image: {width}x{height} ({_mpx(width * height)}) is over the cap of "
-        f"{_mpx(settings.max_pixels)} ({setting('max_pixels')}={settings.max_pixels}); "
-        f"decoded at {image.size[0]}x{image.size[1]}"
-    )
-
-
-def _animation_frame(timeline: _Animation, t: float) -> int:
-    return max(0, bisect.bisect_right(timeline.starts_s, t + 1e-9) - 1)
-
-
-def _image_frames_at(
-    image: Image.Image,
-    info: MediaInfo,
-    times_s: list[float],
-    settings: SampleSettings,
-    deadline: _Deadline,
-) -> list[Frame]:
-    if info.media_type == "image":
-        _draft(image, settings)
-        still = _image_array(image, _orientation(image))
-        return [Frame(i, 0.0, still) for i in range(len(times_s))]
-    timeline = _animation_timeline(image, settings, deadline)
-    wanted = {_animation_frame(timeline, t) for t in times_s}
-    arrays: dict[int, np.ndarray] = {}
-    for n in sorted(wanted):
-        deadline.check()
-        _seek(image, n, settings)
-        arrays[n] = _image_array(image, 1)
-    picks = [_animation_frame(timeline, t) for t in times_s]
-    return [Frame(i, timeline.starts_s[n], arrays[n]) for i, n in enumerate(picks)]
