@@ -126,7 +126,8 @@ def test_s3_store_refuses_media_that_does_not_match_its_sha256(services, s3_clie
     import hashlib
 
     from synthwatch.errors import StorageFailed
-    from synthwatch.operators.store import S3Settings, S3Store, s3_client
+    from synthwatch.operators.store import S3Settings, S3Store
+    from synthwatch.operators.store import s3_client as pipeline_s3_client
 
     settings = S3Settings(
         endpoint_url=services.s3_endpoint,
@@ -134,7 +135,7 @@ def test_s3_store_refuses_media_that_does_not_match_its_sha256(services, s3_clie
         access_key_id=services.access_key,
         secret_access_key=services.secret_key,
     )
-    store = S3Store(s3_client(settings), services.bucket)
+    store = S3Store(pipeline_s3_client(settings), services.bucket)
     media = tmp_path / "clip.mp4"
     media.write_bytes(b"\x00\x00\x00\x18ftypmp42" + uuid.uuid4().bytes * 1000)
     digest = hashlib.sha256(media.read_bytes()).hexdigest()
