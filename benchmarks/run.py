@@ -21,7 +21,18 @@ from typing import Any
 from benchmarks._common import RESULTS, ROOT, fmt
 
 # Order: the hot paths first, end to end last.
-SCRIPTS = ("sampling", "inference", "batcher", "store", "e2e", "kafka", "soak")
+SCRIPTS = (
+    "sampling",
+    "inference",
+    "batcher",
+    "store",
+    "startup",
+    "stages",
+    "e2e",
+    "clips",
+    "kafka",
+    "soak",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

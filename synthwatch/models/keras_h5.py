@@ -1,11 +1,12 @@
-"""Convert Keras 2.x `save_weights` HDF5 files into torch state dicts.
+"""Convert Keras 2.x `save_weights` HDF5 files into state dicts of numpy arrays.
 
 Used for the MesoNet weights (DariusAf/MesoNet, Keras 2.1.5). Keras stores, per layer,
 a group named after the layer whose `weight_names` attribute lists its datasets in order;
 the root's `layer_names` attribute lists the layers. We read those attributes rather than
 guessing dataset paths, and map layers to torch modules by kind and creation order (see
-`Meso4.KERAS_LAYERS`), so a file whose layer counters start elsewhere (conv2d_5.. vs
-conv2d_1..) still converts.
+`MESO4_LAYERS`), so a file whose layer counters start elsewhere (conv2d_5.. vs
+conv2d_1..) still converts. No torch here: the scanner binds these arrays into ONNX
+graphs (`synthwatch.models.graphs`); the torch modules load them in `meso.py`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,65 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
-import torch
-from torch import nn
+import numpy.typing as npt
 
 from synthwatch.errors import ModelUnavailable
-from synthwatch.models.meso import KerasKind
+
+KerasKind = Literal["conv2d", "batch_normalization", "dense"]
+"""Keras layer types that carry weights in these networks."""
+
+KerasLayout = tuple[tuple[KerasKind, str], ...]
+"""Weighted layers in Keras creation order, each with the module path it maps to."""
+
+MESO4_LAYERS: KerasLayout = (
+    ("conv2d", "block1.conv"),
+    ("batch_normalization", "block1.bn"),
+    ("conv2d", "block2.conv"),
+    ("batch_normalization", "block2.bn"),
+    ("conv2d", "block3.conv"),
+    ("batch_normalization", "block3.bn"),
+    ("conv2d", "block4.conv"),
+    ("batch_normalization", "block4.bn"),
+    ("dense", "head.fc1"),
+    ("dense", "head.fc2"),
+)
+"""Meso-4's weighted layers in Keras creation order, mapped to the torch module paths
+(`synthwatch.models.meso.Meso4`), which are also the ONNX graph's initializer names.
+
+Keras numbers layers by creation, so sorting the file's layers of one kind by their
+numeric suffix recovers this order whatever the counters started at.
+"""
+
+MESOINCEPTION4_LAYERS: KerasLayout = (
+    # Keras creation order inside an inception layer: x1, x2 (1x1, 3x3), x3, x4.
+    ("conv2d", "incep1.b1"),
+    ("conv2d", "incep1.b2_1"),
+    ("conv2d", "incep1.b2_2"),
+    ("conv2d", "incep1.b3_1"),
+    ("conv2d", "incep1.b3_2"),
+    ("conv2d", "incep1.b4_1"),
+    ("conv2d", "incep1.b4_2"),
+    ("batch_normalization", "incep1.bn"),
+    ("conv2d", "incep2.b1"),
+    ("conv2d", "incep2.b2_1"),
+    ("conv2d", "incep2.b2_2"),
+    ("conv2d", "incep2.b3_1"),
+    ("conv2d", "incep2.b3_2"),
+    ("conv2d", "incep2.b4_1"),
+    ("conv2d", "incep2.b4_2"),
+    ("batch_normalization", "incep2.bn"),
+    ("conv2d", "block3.conv"),
+    ("batch_normalization", "block3.bn"),
+    ("conv2d", "block4.conv"),
+    ("batch_normalization", "block4.bn"),
+    ("dense", "head.fc1"),
+    ("dense", "head.fc2"),
+)
+"""MesoInception-4's, as `MESO4_LAYERS`."""
 
 _SUFFIX = re.compile(r"^(?P<kind>.+?)(?:_(?P<n>\d+))?$")
 
@@ -55,8 +107,8 @@ def read_keras_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def keras_state_dict(
     path: Path, layout: Sequence[tuple[KerasKind, str]]
-) -> dict[str, torch.Tensor]:
-    """Build a torch state dict from a Keras weights file.
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Build a state dict (torch's layout and key names, numpy arrays) from a Keras file.
 
     `layout` lists the torch module paths of the weighted layers in Keras creation
     order, each with its Keras kind. Layout: conv kernels (kh, kw, in, out) become
@@ -84,7 +136,7 @@ def keras_state_dict(
             f"{path}: weighted Keras layers {found} do not match the architecture's {wanted}"
         )
 
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, npt.NDArray[np.float32]] = {}
     for kind, prefix in layout:
         weights = queues[kind].pop(0)
         try:
@@ -94,43 +146,24 @@ def keras_state_dict(
     return state
 
 
-def load_keras_weights(
-    module: nn.Module, path: Path, layout: Sequence[tuple[KerasKind, str]]
-) -> None:
-    """Load a Keras weights file into `module` with a strict key and shape check.
-
-    Raises `ModelUnavailable` on any missing or unexpected key or shape mismatch: a
-    silently half-loaded detector would score media with random weights.
-    """
-    state = keras_state_dict(path, layout)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelUnavailable(
-            f"{path}: weights do not fit {type(module).__name__}: {exc}"
-        ) from exc
-
-
-def _convert(kind: KerasKind, prefix: str, w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def _convert(
+    kind: KerasKind, prefix: str, w: dict[str, np.ndarray]
+) -> dict[str, npt.NDArray[np.float32]]:
     if kind == "conv2d":
         return {
-            f"{prefix}.weight": torch.from_numpy(
-                np.ascontiguousarray(w["kernel"].transpose(3, 2, 0, 1))
-            ),
-            f"{prefix}.bias": torch.from_numpy(w["bias"]),
+            f"{prefix}.weight": np.ascontiguousarray(w["kernel"].transpose(3, 2, 0, 1)),
+            f"{prefix}.bias": w["bias"],
         }
     if kind == "dense":
         return {
-            f"{prefix}.weight": torch.from_numpy(np.ascontiguousarray(w["kernel"].T)),
-            f"{prefix}.bias": torch.from_numpy(w["bias"]),
+            f"{prefix}.weight": np.ascontiguousarray(w["kernel"].T),
+            f"{prefix}.bias": w["bias"],
         }
     return {
-        f"{prefix}.weight": torch.from_numpy(w["gamma"]),
-        f"{prefix}.bias": torch.from_numpy(w["beta"]),
-        f"{prefix}.running_mean": torch.from_numpy(w["moving_mean"]),
-        f"{prefix}.running_var": torch.from_numpy(w["moving_variance"]),
-        # torch-only bookkeeping buffer; strict loading requires it to be present.
-        f"{prefix}.num_batches_tracked": torch.tensor(0, dtype=torch.long),
+        f"{prefix}.weight": w["gamma"],
+        f"{prefix}.bias": w["beta"],
+        f"{prefix}.running_mean": w["moving_mean"],
+        f"{prefix}.running_var": w["moving_variance"],
     }
 
 

@@ -14,16 +14,23 @@ means the same thing by "score": higher = more likely synthetic.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-INPUT_SIZE = 256
-"""Side of the square face crop both networks were trained on."""
+from synthwatch.errors import ModelUnavailable
+from synthwatch.models.inputs import MESO_INPUT_SIZE
+from synthwatch.models.keras_h5 import (
+    MESO4_LAYERS,
+    MESOINCEPTION4_LAYERS,
+    KerasLayout,
+    keras_state_dict,
+)
 
-KerasKind = Literal["conv2d", "batch_normalization", "dense"]
-"""Keras layer types that carry weights in these networks."""
+INPUT_SIZE = MESO_INPUT_SIZE
+"""Side of the square face crop both networks were trained on."""
 
 # Keras BatchNormalization's default epsilon; torch's default (1e-5) would shift every
 # activation slightly and the error compounds over four blocks.
@@ -105,23 +112,8 @@ class Meso4(nn.Module):
     Returns the fake score ``1 - P(real)`` in [0, 1], shape (N,).
     """
 
-    KERAS_LAYERS: ClassVar[tuple[tuple[KerasKind, str], ...]] = (
-        ("conv2d", "block1.conv"),
-        ("batch_normalization", "block1.bn"),
-        ("conv2d", "block2.conv"),
-        ("batch_normalization", "block2.bn"),
-        ("conv2d", "block3.conv"),
-        ("batch_normalization", "block3.bn"),
-        ("conv2d", "block4.conv"),
-        ("batch_normalization", "block4.bn"),
-        ("dense", "head.fc1"),
-        ("dense", "head.fc2"),
-    )
-    """Weighted layers in Keras creation order, mapped to their torch module paths.
-
-    Keras numbers layers by creation, so sorting the file's layers of one kind by their
-    numeric suffix recovers this order whatever the counters started at.
-    """
+    KERAS_LAYERS: ClassVar[KerasLayout] = MESO4_LAYERS
+    """Weighted layers in Keras creation order (`keras_h5.MESO4_LAYERS`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,31 +135,7 @@ class MesoInception4(nn.Module):
     Returns the fake score ``1 - P(real)`` in [0, 1], shape (N,).
     """
 
-    KERAS_LAYERS: ClassVar[tuple[tuple[KerasKind, str], ...]] = (
-        # Keras creation order inside an inception layer: x1, x2 (1x1, 3x3), x3, x4.
-        ("conv2d", "incep1.b1"),
-        ("conv2d", "incep1.b2_1"),
-        ("conv2d", "incep1.b2_2"),
-        ("conv2d", "incep1.b3_1"),
-        ("conv2d", "incep1.b3_2"),
-        ("conv2d", "incep1.b4_1"),
-        ("conv2d", "incep1.b4_2"),
-        ("batch_normalization", "incep1.bn"),
-        ("conv2d", "incep2.b1"),
-        ("conv2d", "incep2.b2_1"),
-        ("conv2d", "incep2.b2_2"),
-        ("conv2d", "incep2.b3_1"),
-        ("conv2d", "incep2.b3_2"),
-        ("conv2d", "incep2.b4_1"),
-        ("conv2d", "incep2.b4_2"),
-        ("batch_normalization", "incep2.bn"),
-        ("conv2d", "block3.conv"),
-        ("batch_normalization", "block3.bn"),
-        ("conv2d", "block4.conv"),
-        ("batch_normalization", "block4.bn"),
-        ("dense", "head.fc1"),
-        ("dense", "head.fc2"),
-    )
+    KERAS_LAYERS: ClassVar[KerasLayout] = MESOINCEPTION4_LAYERS
     """See `Meso4.KERAS_LAYERS`."""
 
     def __init__(self) -> None:
@@ -182,3 +150,23 @@ class MesoInception4(nn.Module):
         x = self.block4(self.block3(self.incep2(self.incep1(x))))
         out: torch.Tensor = self.head(x)
         return out
+
+
+def load_keras_weights(module: nn.Module, path: Path, layout: KerasLayout) -> None:
+    """Load a Keras weights file into `module` with a strict key and shape check.
+
+    Raises `ModelUnavailable` on any missing or unexpected key or shape mismatch: a
+    silently half-loaded detector would score media with random weights.
+    """
+    state = {k: torch.from_numpy(v) for k, v in keras_state_dict(path, layout).items()}
+    for key in list(state):
+        if key.endswith(".running_var"):
+            # torch-only bookkeeping buffer; strict loading requires it to be present.
+            prefix = key.removesuffix(".running_var")
+            state[f"{prefix}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelUnavailable(
+            f"{path}: weights do not fit {type(module).__name__}: {exc}"
+        ) from exc

@@ -19,13 +19,13 @@ The model card: docs/models/scene_probe.md.
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
 import torch
-from PIL import Image
 from torch import nn
 
-SCENE_SIZE = 224
+from synthwatch.models.inputs import SCENE_SIZE
+
+__all__ = ["SCENE_SIZE", "MobileNetV2", "SceneFeatures", "SceneProbe"]
+
 SCENE_TAPS: tuple[int, ...] = (3, 6, 10, 13, 16, 17)
 """Blocks of `features` whose spatially averaged output the probe reads."""
 SCENE_FEATURES = 24 + 32 + 64 + 96 + 160 + 320
@@ -146,13 +146,3 @@ class SceneProbe(nn.Module):
         """The probe's own parameters (what `synthwatch train scene` writes): the
         backbone's come from the ImageNet checkpoint."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("features.")}
-
-
-def scene_view(image: npt.NDArray[np.uint8], size: int = SCENE_SIZE) -> npt.NDArray[np.uint8]:
-    """A frame as the scene probe sees it: the centre square, resized to `size` with
-    Lanczos (antialiased when shrinking), so every image has one geometry."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side]))
-    return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)

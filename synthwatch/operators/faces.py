@@ -7,10 +7,9 @@ MesoNet (Afchar et al. 2018) was trained on 256x256 crops of the face box enlarg
 
 from __future__ import annotations
 
-import pickle
+import hashlib
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -18,7 +17,8 @@ import numpy.typing as npt
 from PIL import Image
 
 from synthwatch.errors import ModelUnavailable
-from synthwatch.models.mtcnn import MTCNN, Detection
+from synthwatch.models.mtcnn import MTCNN, Detection, Net
+from synthwatch.models.registry import BUNDLED_DIR, LBP_CASCADE
 
 if TYPE_CHECKING:
     import cv2
@@ -103,36 +103,30 @@ def crop_faces(
 
 
 class FaceDetector:
-    """Owns the MTCNN weights and finds faces in batches of frames.
+    """The MTCNN cascade over the three nets; finds faces in batches of frames.
 
-    `min_size` and `threshold` are the settings' `models.face_min_size` and
-    `models.face_threshold`; the threshold is O-Net's, the last stage's, so it is the
-    minimum confidence of every returned detection. The earlier stages keep the
-    published 0.6 and 0.7: raising them loses faces that O-Net would have accepted.
+    `nets` are P-Net, R-Net and O-Net as array functions (`synthwatch.models.mtcnn.Net`):
+    on the scan path ONNX Runtime sessions, so this needs no torch. `min_size` and
+    `threshold` are the settings' `models.face_min_size` and `models.face_threshold`; the
+    threshold is O-Net's, the last stage's, so it is the minimum confidence of every
+    returned detection. The earlier stages keep the published 0.6 and 0.7: raising them
+    loses faces that O-Net would have accepted.
     """
 
     def __init__(
         self,
-        pnet_path: Path,
-        rnet_path: Path,
-        onet_path: Path,
+        nets: tuple[Net, Net, Net],
         *,
         min_size: int = 40,
         threshold: float = 0.9,
-        device: str = "cpu",
+        max_side: int = 1920,
     ) -> None:
-        """Load the three nets. Raises ModelUnavailable if a file is missing or mismatched."""
-        try:
-            self._mtcnn = MTCNN(
-                pnet_path,
-                rnet_path,
-                onet_path,
-                min_face_size=min_size,
-                thresholds=(0.6, 0.7, threshold),
-                device=device,
-            )
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-            raise ModelUnavailable(f"MTCNN weights could not be loaded: {exc}") from exc
+        """`max_side`: frames are searched at most this large (long side), the boxes
+        mapped back to the full frame, where the crops are cut. Raises ValueError for a
+        `min_size` under 12 pixels."""
+        self._mtcnn = MTCNN(
+            nets, min_face_size=min_size, thresholds=(0.6, 0.7, threshold), max_side=max_side
+        )
 
     def detect(self, frames: list[npt.NDArray[np.uint8]]) -> list[list[Detection]]:
         """Faces per frame, highest confidence first. Raises ValueError for a bad frame."""
@@ -140,7 +134,7 @@ class FaceDetector:
 
 
 class CascadeFaceDetector:
-    """Frontal faces with the LBP cascade that ships inside scikit-image, run by OpenCV.
+    """Frontal faces with OpenCV's LBP cascade (scikit-image's copy, fetched at install).
 
     The fallback when the MTCNN weights (third-party) are not installed, so that a fresh
     machine still finds faces for our own face model. It finds fewer faces than MTCNN
@@ -217,19 +211,26 @@ class CascadeFaceDetector:
 
 
 def _lbp_frontal_cascade() -> cv2.CascadeClassifier:
-    """OpenCV's LBP frontal-face cascade from scikit-image's copy of the file.
+    """OpenCV's LBP frontal-face cascade, scikit-image's copy of the file, which
+    `python -m synthwatch.models.fetch` installs beside the bundled weights.
 
     scikit-image's copy misspells one tag (`featuhreParams`; its own parser does not
     read it), so OpenCV is given the corrected text from memory rather than the path.
-    Raises ModelUnavailable when the file is missing or OpenCV cannot read it.
+    Raises ModelUnavailable when the file is missing, altered or unreadable.
     """
     import cv2
-    from skimage import data
 
+    path = BUNDLED_DIR / LBP_CASCADE.path
     try:
-        text = Path(data.lbp_frontal_face_cascade_filename()).read_text(encoding="utf-8")  # type: ignore[no-untyped-call]
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ModelUnavailable(f"the LBP face cascade could not be read: {exc}") from exc
+        raise ModelUnavailable(
+            f"the LBP face cascade could not be read: {exc}; install it with "
+            "`python -m synthwatch.models.fetch` (`make install` does)"
+        ) from exc
+    if hashlib.sha256(raw).hexdigest() != LBP_CASCADE.sha256:
+        raise ModelUnavailable(f"{path}: not the LBP face cascade the registry pins")
+    text = raw.decode("utf-8")
     text = text.replace("<featuhreParams>", "<featureParams>").replace(
         "</featuhreParams>", "</featureParams>"
     )

@@ -42,33 +42,54 @@ class InferenceBackend(ABC):
         """Release what the backend holds."""
 
 
+def cpu_session(model: Path | bytes, *, threads: int) -> Any:
+    """An ONNX Runtime CPU session tuned for a scanner that decodes beside inference."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    # Spin-waiting threads steal CPU from the decoder running beside inference
+    # (3-9% measured on 2 cores, PERF_NOTES.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model),
+        sess_options=opts,
+        providers=["CPUExecutionProvider"],
+    )
+
+
+class OnnxNet:
+    """A network of several outputs (MTCNN's) as a plain callable: float32 NCHW batch
+    in, its outputs in graph order out. Safe to call from several threads (ONNX
+    Runtime sessions are)."""
+
+    def __init__(self, model: Path | bytes, *, threads: int = 1) -> None:
+        self._session = cpu_session(model, threads=threads)
+        self._input = self._session.get_inputs()[0].name
+
+    def __call__(self, batch: Batch) -> tuple[Batch, ...]:
+        outs = self._session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})
+        return tuple(np.asarray(o, dtype=np.float32) for o in outs)
+
+
 class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, *, threads: int = 2, rows_per_run: int = 0) -> None:
-        """`rows_per_run`: the most rows one session run gets (0: the whole batch); a
+    def __init__(self, model: Path | bytes, *, threads: int = 2, rows_per_run: int = 0) -> None:
+        """`model`: an ONNX file, or a serialized model (`ModelStore.onnx_models`).
+        `rows_per_run`: the most rows one session run gets (0: the whole batch); a
         larger batch runs in slices. Measured in one quiet run on 2 cores
         (benchmarks/results/inference.json): whole batches are faster for the default
         image models (sbi_face 1.19x, fingerprint 1.16x, MesoInception-4 1.7x at batch
         32; Meso-4 alone prefers rows, 0.75x), and rows use far less memory on the audio
         models at the same speed (AASIST at batch 8: 3.3 GB peak whole, 1.0 GB by row),
         so the engine runs audio models a row at a time."""
-        import onnxruntime as ort
-
         if rows_per_run < 0:
             raise ValueError("rows_per_run must be >= 0")
         self.rows_per_run = rows_per_run
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        # Spin-waiting threads steal CPU from the decoder running beside inference
-        # (3-9% measured on 2 cores, PERF_NOTES.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(
-            str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self._session = cpu_session(model, threads=threads)
         self._input = self._session.get_inputs()[0].name
         self._output = self._session.get_outputs()[0].name
 
@@ -86,13 +107,17 @@ class OnnxRuntimeBackend(InferenceBackend):
 class TorchBackend(InferenceBackend):
     name = "torch"
 
-    def __init__(self, module: Any, *, device: str = "cpu", channels_last: bool = False) -> None:
+    def __init__(
+        self, module: Any, *, device: str = "cpu", channels_last: bool = False, threads: int = 0
+    ) -> None:
         """`channels_last`: run image (N, C, H, W) batches in NHWC memory order, which
         oneDNN's CPU convolutions prefer (1.1-4.8x eager NCHW for the shipped image
         models on 2 cores, benchmarks/bench_inference.py). Batches of another rank (the
         audio models' (N, samples)) always run as given."""
         import torch
 
+        if threads > 0:
+            torch.set_num_threads(threads)
         self._torch = torch
         self._device = torch.device(device)
         self._module = module.to(self._device).eval()
@@ -220,7 +245,15 @@ class TensorRTBackend(InferenceBackend):
         return np.concatenate(outs).astype(np.float32)
 
 
+def nvidia_device_present() -> bool:
+    """Whether the NVIDIA driver shows a device, without importing torch (which costs
+    seconds and a GB of memory on a machine that has no GPU to give it)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
 def gpu_available() -> bool:
+    if not nvidia_device_present():
+        return False
     try:
         import torch
 
@@ -249,6 +282,7 @@ def select_backend(
     name: BackendName,
     *,
     onnx_path: Callable[[], Path],
+    onnx_model: Callable[[], bytes],
     torch_module: Callable[[], Any],
     threads: int,
     max_batch: int,
@@ -258,7 +292,8 @@ def select_backend(
     """Build the backend `name` names (`auto`: TensorRT on a GPU, else torch on a GPU,
     else ONNX Runtime on the CPU).
 
-    The model is given lazily (callables), so only the form the backend needs is built.
+    The model is given lazily (callables), so only the form the backend needs is built:
+    a file for TensorRT, the serialized model for ONNX Runtime, a module for torch.
     `rows_per_run` is ONNX Runtime's slicing (see `OnnxRuntimeBackend`).
     """
     chosen = resolve_backend_name(name)
@@ -266,5 +301,7 @@ def select_backend(
         return TensorRTBackend(onnx_path(), cache_dir=engine_cache_dir, max_batch=max_batch)
     if chosen == "torch":
         gpu = gpu_available()
-        return TorchBackend(torch_module(), device="cuda" if gpu else "cpu", channels_last=not gpu)
-    return OnnxRuntimeBackend(onnx_path(), threads=threads, rows_per_run=rows_per_run)
+        return TorchBackend(
+            torch_module(), device="cuda" if gpu else "cpu", channels_last=not gpu, threads=threads
+        )
+    return OnnxRuntimeBackend(onnx_model(), threads=threads, rows_per_run=rows_per_run)

@@ -118,6 +118,15 @@ _LEN = struct.Struct("<Q")
 # --------------------------------------------------------------------------- public API
 
 
+def prestart(memory_mb: int, count: int = 1) -> None:
+    """Start up to `count` decoder children now, so their imports overlap the caller's
+    own start-up (model loading) instead of delaying the first item. Never raises: a
+    child that cannot start is started again on first use, which reports the error."""
+    pool = _pool()
+    for _ in range(max(0, min(count, _MAX_IDLE))):
+        pool.replace(memory_mb)
+
+
 def probe(path: Path, settings: SampleSettings) -> MediaInfo:
     """`sample.probe`, isolated (unless `settings.isolate` is off). Raises like it, and
     CorruptMedia (decoder crashed) or LimitExceeded (deadline, memory cap)."""

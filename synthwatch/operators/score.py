@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from synthwatch.models.mobilenet import scene_view
+from synthwatch.models.inputs import scene_view
 from synthwatch.models.registry import ModelKind
 from synthwatch.operators import audio as audio_op
 from synthwatch.operators import faces as faces_op

@@ -16,11 +16,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-import torch
 
 from synthwatch.digest import file_sha256
 from synthwatch.errors import ModelUnavailable
@@ -35,7 +35,13 @@ from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.explainer import Explainer
 from synthwatch.operators.faces import FaceFinder
 from synthwatch.operators.fetch import Fetched
-from synthwatch.operators.infer import resolve_backend_name, select_backend
+from synthwatch.operators.infer import (
+    Batch,
+    OnnxNet,
+    OnnxRuntimeBackend,
+    resolve_backend_name,
+    select_backend,
+)
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.redact import redact_url
 from synthwatch.operators.sample import Sampled
@@ -106,10 +112,15 @@ def load_face_detector(store: ModelStore, settings: ModelSettings) -> tuple[Face
     """(detector, name): MTCNN when asked for or installed, else the LBP cascade."""
     choice = settings.face_detector
     if choice == "mtcnn" or (choice == "auto" and store.available("mtcnn")):
-        pnet, rnet, onet = store.resolve("mtcnn")
+        pnet, rnet, onet = (
+            OnnxNet(m, threads=settings.threads) for m in store.onnx_models("mtcnn")
+        )
         return (
             faces_op.FaceDetector(
-                pnet, rnet, onet, min_size=settings.face_min_size, threshold=settings.face_threshold
+                (pnet, rnet, onet),
+                min_size=settings.face_min_size,
+                threshold=settings.face_threshold,
+                max_side=settings.face_detect_max_side,
             ),
             "mtcnn",
         )
@@ -117,6 +128,15 @@ def load_face_detector(store: ModelStore, settings: ModelSettings) -> tuple[Face
         min_size=settings.face_min_size, threads=settings.threads
     )
     return cascade, "lbp_cascade"
+
+
+def store_scorer(store: ModelStore, threads: int) -> Callable[[str], Callable[[Batch], Batch]]:
+    """Model name -> batch scorer on ONNX Runtime, from `store`'s verified weights."""
+
+    def scorer(name: str) -> Callable[[Batch], Batch]:
+        return OnnxRuntimeBackend(store.onnx_models(name)[0], threads=threads).run
+
+    return scorer
 
 
 def load_calibration(settings: ModelSettings) -> tuple[Calibration, str]:
@@ -155,7 +175,6 @@ class Engine:
         typo and is refused either way.
         """
         self.settings = settings
-        torch.set_num_threads(max(1, settings.models.threads))
         self.store = ModelStore(settings.model_dir, cache_dir=cache_dir)
         ms = settings.models
         self.backend_name = resolve_backend_name(ms.backend)
@@ -248,6 +267,7 @@ class Engine:
         backend = select_backend(
             ms.backend,
             onnx_path=lambda: self.store.onnx_path(name),
+            onnx_model=lambda: self.store.onnx_models(name)[0],
             torch_module=lambda: self.store.load_torch(name),
             threads=ms.threads,
             max_batch=max_batch,
@@ -293,12 +313,21 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def scorer(self, name: str) -> Callable[[Batch], Batch]:
+        """Batch scorer of model `name` for explanations: the loaded detector's backend
+        (same weights as the verdict), or an ONNX Runtime session of the store's."""
+        for d in self.detectors:
+            if d.name == name:
+                return d.backend.run
+        return store_scorer(self.store, self.settings.models.threads)(name)
+
     @property
     def explainer(self) -> Explainer:
-        """Grad-CAM and forensic maps for evidence; torch modules load on first use."""
+        """Occlusion heatmaps and forensic maps for evidence, on the loaded detectors."""
         if self._explainer is None:
             self._explainer = Explainer(
                 self.store,
+                self.scorer,
                 review_threshold=self.settings.policy.review_threshold,
                 forensics=self.settings.models.forensics,
                 sample=self.settings.sample,

@@ -75,6 +75,7 @@ def scan_all(
     is loaded: when none is usable the answer comes at once. `on_result` sees the
     results in the order of `sources`; `on_progress(done, total)` follows the analysis.
     """
+    from synthwatch.operators import sandbox
     from synthwatch.operators.fetch import Fetcher
 
     results: list[ScanResult] = [ScanResult(source=s) for s in sources]
@@ -84,18 +85,32 @@ def scan_all(
                 fetcher.precheck(res.source)
             except SynthwatchError as exc:
                 res.error, res.reason = str(exc), exc.reason
-    todo = [r for r in results if r.error is None]
-    if not todo:
-        for res in results:
-            on_result(res)
-        return results
+        todo = [r for r in results if r.error is None]
+        if not todo:
+            for res in results:
+                on_result(res)
+            return results
+        # The decoder children import PyAV and Pillow (about 0.3 s each) while the
+        # models load here, instead of after.
+        sandbox.prestart(settings.sample.max_memory_mb, min(workers, len(todo)))
+        return _scan(settings, fetcher, results, todo, store, workers, on_result, on_progress)
 
+
+def _scan(
+    settings: Settings,
+    fetcher: Any,
+    results: list[ScanResult],
+    todo: list[ScanResult],
+    store: Any,
+    workers: int,
+    on_result: Callable[[ScanResult], None],
+    on_progress: Callable[[int, int], None],
+) -> list[ScanResult]:
     from synthwatch.operators.alert import alert_with_evidence
     from synthwatch.pipeline.engine import Engine, Item, sampled_evidence
 
     with (
         Engine(settings) as engine,
-        Fetcher(settings.fetch, embedded=True) as fetcher,
         tempfile.TemporaryDirectory(prefix="synthwatch-") as tmp,
     ):
 

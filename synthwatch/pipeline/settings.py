@@ -54,7 +54,7 @@ class ModelSettings(_Frozen):
     calibration: Path | None = None
     """Calibration file from `synthwatch calibrate`; unset: the one shipped with synthwatch."""
     face_detector: Literal["auto", "mtcnn", "lbp_cascade"] = "auto"
-    """auto: MTCNN when its weights are installed, else the LBP cascade in scikit-image."""
+    """auto: MTCNN when its weights are installed, else OpenCV's LBP cascade."""
     image_on_video: bool = True
     """Run the whole-image models on video frames too, with or without faces, so a fully
     generated video with no face is scored rather than left without a score."""
@@ -83,7 +83,13 @@ class ModelSettings(_Frozen):
     max_delay_ms: float = Field(default=10.0, ge=0)
     threads: int = Field(default=2, ge=1)
     face_min_size: int = 40
+    """Smallest face MTCNN looks for, in pixels of the frame it searches (below)."""
     face_threshold: float = 0.9
+    face_detect_max_side: int = Field(default=1920, ge=64)
+    """MTCNN searches frames shrunk to this long side; boxes are mapped back and face
+    crops cut from the full frame. Smaller is faster (the cascade's cost is about
+    proportional to the pixels searched) and misses small faces: the smallest face
+    found in a frame of long side L is `face_min_size * L / face_detect_max_side`."""
 
 
 class KafkaSettings(_Frozen):

@@ -61,7 +61,7 @@ from synthwatch.operators.redact import redact_url
 from synthwatch.operators.store import LocalHandoff, S3Store, blob_key, s3_client
 from synthwatch.operators.webhook import Attempt, WebhookSink
 from synthwatch.pipeline import metrics, tracing
-from synthwatch.pipeline.engine import Engine, Item
+from synthwatch.pipeline.engine import Engine, Item, store_scorer
 from synthwatch.pipeline.faults import FaultPoints
 from synthwatch.pipeline.health import Health
 from synthwatch.pipeline.kafka import client_kwargs, stage_input_topics
@@ -193,7 +193,7 @@ class Pipeline:
             self.stages.add("detect")
         if role in ("decide", "all"):
             # decide loads no detector at start: policy, the blob and the verdict's
-            # timeline; the explainer loads a torch module on the first alerting verdict.
+            # timeline; the explainer opens ONNX sessions on the first alerting verdict.
             app.agent(self.verdicts, name="decide")(self._stage("decide", self._decide))
             self.stages.add("decide")
         if role == "sink" or (role == "all" and self.settings.sink.url):
@@ -333,8 +333,10 @@ class Pipeline:
         if self.engine is not None:
             return self.engine.explainer
         if self.explainer is None:
+            store = ModelStore(self.settings.model_dir)
             self.explainer = Explainer(
-                ModelStore(self.settings.model_dir),
+                store,
+                store_scorer(store, self.settings.models.threads),
                 review_threshold=self.settings.policy.review_threshold,
                 forensics=self.settings.models.forensics,
                 sample=self.settings.sample,

@@ -43,7 +43,9 @@ from synthwatch.models.nets import (
     SbiFaceNet,
     weight_bytes,
 )
+from synthwatch.models.registry import ModelStore
 from synthwatch.operators.faces import FaceDetector, FaceFinder
+from synthwatch.operators.infer import OnnxNet
 from synthwatch.train.data import (
     FRAMES_PER_VIDEO,
     RealFace,
@@ -298,8 +300,11 @@ def score(net: nn.Module, images: Sequence[U8], *, batch: int = 64) -> list[floa
 
 def _detector(face_detector: FaceFinder | Path) -> FaceFinder:
     if isinstance(face_detector, Path):
-        d = face_detector
-        return FaceDetector(d / "pnet.pt", d / "rnet.pt", d / "onet.pt")
+        # The MTCNN weights directory inside a model dir (`<model_dir>/mtcnn`): the
+        # store checks their sha256 and binds them into the shipped graphs.
+        models = ModelStore(face_detector.parent).onnx_models("mtcnn")
+        pnet, rnet, onet = (OnnxNet(m) for m in models)
+        return FaceDetector((pnet, rnet, onet))
     return face_detector
 
 

@@ -3,7 +3,7 @@
     synthwatch train scene --labels ../shared/media/ml72/labels.csv --out out/ --seed 0
 
 Labelled stills (CSV `path,label[,group]`, as `synthwatch eval` reads) are brought to one
-geometry (`mobilenet.scene_view`: centre square, Lanczos to 224), embedded once by the
+geometry (`inputs.scene_view`: centre square, Lanczos to 224), embedded once by the
 frozen backbone (`SceneFeatures`), and a standardised, L2-regularised logistic
 regression is fitted on the embeddings. The regularisation strength C is chosen by
 cross-validation inside the training data only, from a fixed grid.
@@ -35,8 +35,8 @@ from PIL import Image, ImageOps
 
 from synthwatch.digest import file_sha256
 from synthwatch.errors import InvalidInput
+from synthwatch.models.inputs import scene_view as _view
 from synthwatch.models.mobilenet import SCENE_FEATURES, MobileNetV2, SceneFeatures, SceneProbe
-from synthwatch.models.mobilenet import scene_view as _view
 from synthwatch.train.labels import Labelled, read_labels
 from synthwatch.train.loop import TrainReport
 

@@ -72,7 +72,7 @@ def test_scan_writes_one_json_line_per_item_and_evidence(
     assert lines[1]["frames"][0]["region"] == "frame"
     assert any("no face found" in n for n in lines[1]["notes"])
     # The DeepFake test face from MesoNet's repository alerts, with evidence that shows
-    # the frame, the face model's Grad-CAM beside it, and the forensic maps of a still.
+    # the frame, the face model's occlusion heatmap beside it, and the forensic maps of a still.
     face = lines[2]
     assert face["decision"] in ("review", "flag")
     assert face["faces_found"] == 1 and "sbi_face" in {s["name"] for s in face["signals"]}
@@ -83,7 +83,7 @@ def test_scan_writes_one_json_line_per_item_and_evidence(
     assert roles.count("frame") == 1 and roles.count("heatmap") == 1
     assert roles.count("forensic_map") == 2  # error level + residual spectrum
     heatmap = next(o for o in manifest["objects"] if o["role"] == "heatmap")
-    assert heatmap["explains"].endswith(".jpg") and "Grad-CAM of sbi_face@" in heatmap["note"]
+    assert heatmap["explains"].endswith(".jpg") and "occlusion map of sbi_face@" in heatmap["note"]
     assert "verdicts" in proc.stderr  # the table goes to stderr when JSON goes to stdout
 
 

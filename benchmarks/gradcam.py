@@ -1,25 +1,26 @@
-"""Grad-CAM heatmaps: where in a face crop or frame a CNN detector saw the fake.
+"""Grad-CAM heatmaps: the reference the runtime's occlusion maps are measured against.
+
+Until the scan path stopped importing torch, evidence heatmaps were Grad-CAM (this code,
+formerly `synthwatch/operators/gradcam.py`); the runtime now draws occlusion maps from
+forward passes alone (`synthwatch/operators/heatmap.py`). Grad-CAM stays here, with torch
+a dev dependency, so `bench_heatmaps.py` can say how close the replacement comes to it.
 
 Grad-CAM (Selvaraju et al., ICCV 2017): weight each channel of a late convolutional
 layer's activation by the spatial mean of the score's gradient with respect to it, sum
 the weighted channels, keep the positive part, upsample to the input. The target layer
 is the last `Conv2d` of the module, which for every detector shipped here (Meso-4,
 MesoInception-4, our SBI and fingerprint nets) is the deepest layer that still has a
-spatial map. The heatmap is an explanation for an analyst, not a localisation the
-detector was trained to give: a model that keys on blending boundaries lights up the
-face's edge, which is itself informative.
+spatial map.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 import weakref
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image
 from torch import nn
 
 
@@ -83,36 +84,3 @@ def grad_cam(module: nn.Module, batch: npt.NDArray[np.float32]) -> npt.NDArray[n
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).reshape(-1, 1, 1)
     out = torch.where(peak > 1e-12, cam / peak, torch.zeros_like(cam))
     return out.numpy().astype(np.float32)
-
-
-def _colormap(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """Blue -> red ramp through green and yellow, readable in print and on screen."""
-    h = np.clip(heat, 0.0, 1.0)
-    r = np.clip(1.5 - np.abs(4.0 * h - 3.0), 0.0, 1.0)
-    g = np.clip(1.5 - np.abs(4.0 * h - 2.0), 0.0, 1.0)
-    b = np.clip(1.5 - np.abs(4.0 * h - 1.0), 0.0, 1.0)
-    return (np.stack([r, g, b], axis=-1) * 255.0).astype(np.uint8)
-
-
-def overlay(
-    image: npt.NDArray[np.uint8], heat: npt.NDArray[np.float32], *, alpha: float = 0.45
-) -> npt.NDArray[np.uint8]:
-    """The heatmap blended over the image it explains (resized to the image)."""
-    if heat.shape != image.shape[:2]:
-        heat = np.asarray(
-            Image.fromarray(heat.astype(np.float32), mode="F").resize(
-                (image.shape[1], image.shape[0]), Image.Resampling.BILINEAR
-            ),
-            dtype=np.float32,
-        )
-    colour = _colormap(heat).astype(np.float32)
-    a = alpha * np.clip(heat, 0.0, 1.0)[..., None] + 0.15
-    blended = image.astype(np.float32) * (1.0 - a) + colour * a
-    out: npt.NDArray[np.uint8] = np.clip(blended, 0, 255).astype(np.uint8)
-    return out
-
-
-def png(image: npt.NDArray[np.uint8]) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG", optimize=False)
-    return out.getvalue()
