@@ -21,6 +21,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -66,15 +67,26 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except SynthwatchError as exc:
-            err.print(f"[bold red]error[/] ({exc.reason}): {exc}", highlight=False, soft_wrap=True)
+            # escape: a message may hold brackets (`synthwatch[train]`, a file name)
+            # that rich would otherwise read as markup and drop.
+            err.print(
+                f"[bold red]error[/] ({exc.reason}): {escape(str(exc))}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            err.print(f"[bold red]error[/] (settings): {where}: {first['msg']}", highlight=False)
+            err.print(
+                f"[bold red]error[/] (settings): {escape(where)}: {escape(first['msg'])}",
+                highlight=False,
+            )
             raise typer.Exit(2) from None
         except OSError as exc:  # an unwritable output or evidence path, a full disk
-            err.print(f"[bold red]error[/] (os): {exc}", highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error[/] (os): {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -268,18 +280,20 @@ def _print_table(results: list[ScanResult], *, to_stderr: bool) -> None:
     table.add_column("notes / error", overflow="fold")
     for r in results:
         if r.error is not None:
-            table.add_row(r.source, "-", "-", f"[red]error: {r.reason}[/]", "-", r.error)
+            table.add_row(
+                escape(r.source), "-", "-", f"[red]error: {r.reason}[/]", "-", escape(r.error)
+            )
             continue
         rec = r.record
         decision = rec["decision"]
         score = rec["synthetic_score"]
         table.add_row(
-            r.source,
+            escape(r.source),
             rec["media_type"],
             "-" if score is None else f"{score:.3f}",
             f"[{_DECISION_STYLE[decision]}]{decision}[/]",
             str(rec["faces_found"]),
-            "; ".join(rec.get("notes", [])),
+            escape("; ".join(rec.get("notes", []))),
         )
     (err if to_stderr else out).print(table)
 
@@ -412,7 +426,6 @@ def alerts_convert(
     """Print each alert line as native JSON, an OCSF Detection Finding or a Splunk HEC
     event, one per line. A bad line is reported on stderr with its line number, the
     others are still converted, and the exit code is 1."""
-    from rich.markup import escape
 
     from synthwatch.operators.siem import FORMATS, format_alert
     from synthwatch.schemas import Alert, decode
@@ -763,10 +776,18 @@ def train(
     ImageNet MobileNetV2 features of labelled stills at one geometry, cross-validated
     (its report holds every item's out-of-fold score).
     """
+    import importlib.util
+
     from synthwatch.models.registry import MOBILENET_V2, ModelStore
     from synthwatch.pipeline import logs
     from synthwatch.pipeline.engine import load_face_detector
-    from synthwatch.train import train_fingerprint, train_sbi
+
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(
+            "training needs torch, which the scanner's install leaves out: "
+            "pip install 'synthwatch[train]' (make test's .venv-dev has it)"
+        )
+    from synthwatch.train.loop import train_fingerprint, train_sbi
 
     if model not in ("sbi", "fingerprint", "scene"):
         raise ConfigError(f"MODEL must be sbi, fingerprint or scene (got {model!r})")

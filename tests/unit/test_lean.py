@@ -21,7 +21,7 @@ _RUN = textwrap.dedent(
     import json, sys
     {block}
     from synthwatch.pipeline import cli
-    sys.argv = ["synthwatch", "scan", *sys.argv[1:]]
+    sys.argv = ["synthwatch", *sys.argv[1:]]
     try:
         cli.main()
     except SystemExit as exc:
@@ -36,6 +36,10 @@ _RUN = textwrap.dedent(
 
 
 def _scan(args: list[str], tmp_path: Path, *, block_torch: bool) -> dict[str, object]:
+    return _run(["scan", *args], tmp_path, block_torch=block_torch)
+
+
+def _run(args: list[str], tmp_path: Path, *, block_torch: bool) -> dict[str, object]:
     # `sys.modules["torch"] = None` makes every `import torch` raise ImportError, so a
     # scan that needs torch anywhere fails here rather than passing on a dev machine.
     block = 'sys.modules["torch"] = None' if block_torch else ""
@@ -82,3 +86,20 @@ def test_a_scan_with_the_bundled_models_runs_without_torch(tmp_path: Path) -> No
     (record,) = [json.loads(line) for line in verdicts.read_text().splitlines()]
     scored = {s["name"] for s in record["signals"] if s.get("score") is not None}
     assert {"fingerprint", "scene_probe"} <= scored
+
+
+def test_eval_reads_labels_and_train_says_what_to_install_without_torch(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\n{tmp_path / 'missing.jpg'},real\n")
+    # eval reaches the labels (synthwatch.train.labels) and reports the missing file,
+    # rather than dying on an import of the training code.
+    out = _run(["eval", "--labels", str(labels)], tmp_path, block_torch=True)
+    assert "No module named" not in str(out["stderr"]), out["stderr"]
+    assert "missing.jpg" in str(out["stderr"])
+    out = _run(
+        ["train", "sbi", "--real", str(tmp_path), "--out", str(tmp_path / "o")],
+        tmp_path,
+        block_torch=True,
+    )
+    assert out["code"] == 2
+    assert "pip install 'synthwatch[train]'" in str(out["stderr"])
