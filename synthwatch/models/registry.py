@@ -739,7 +739,17 @@ class ModelStore:
     def torch_modules(self, name: str) -> tuple[nn.Module, ...]:
         """The model's networks as torch modules in eval mode (needs torch: training,
         export, parity tests). Raises `ModelUnavailable` if the weights do not fit."""
-        modules = self.spec(name).builder(self.resolve(name))
+        paths = self.resolve(name)
+        try:
+            modules = self.spec(name).builder(paths)
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            raise ModelUnavailable(
+                f"{name}: the torch form of this model needs torch, which the scanner's "
+                "install leaves out (the default onnxruntime backend does not): "
+                "pip install 'synthwatch[train]', or 'synthwatch[gpu]' on a GPU"
+            ) from None
         return tuple(m.eval() for m in modules)
 
     def load_torch(self, name: str) -> nn.Module:

@@ -39,7 +39,9 @@ def _scan(args: list[str], tmp_path: Path, *, block_torch: bool) -> dict[str, ob
     return _run(["scan", *args], tmp_path, block_torch=block_torch)
 
 
-def _run(args: list[str], tmp_path: Path, *, block_torch: bool) -> dict[str, object]:
+def _run(
+    args: list[str], tmp_path: Path, *, block_torch: bool, env_extra: dict[str, str] | None = None
+) -> dict[str, object]:
     # `sys.modules["torch"] = None` makes every `import torch` raise ImportError, so a
     # scan that needs torch anywhere fails here rather than passing on a dev machine.
     block = 'sys.modules["torch"] = None' if block_torch else ""
@@ -48,6 +50,7 @@ def _run(args: list[str], tmp_path: Path, *, block_torch: bool) -> dict[str, obj
         "HOME": str(tmp_path),
         "SYNTHWATCH_MODEL_DIR": str(tmp_path / "no-third-party-weights"),
         "SYNTHWATCH_MODELS__AUDIO_MODELS": "[]",
+        **(env_extra or {}),
     }
     proc = subprocess.run(
         [sys.executable, "-c", _RUN.format(block=block), *args],
@@ -103,3 +106,16 @@ def test_eval_reads_labels_and_train_says_what_to_install_without_torch(tmp_path
     )
     assert out["code"] == 2
     assert "pip install 'synthwatch[train]'" in str(out["stderr"])
+
+
+def test_the_torch_backend_without_torch_is_refused_in_one_line(tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(image)
+    out = _run(
+        ["scan", str(image)],
+        tmp_path,
+        block_torch=True,
+        env_extra={"SYNTHWATCH_MODELS__BACKEND": "torch"},
+    )
+    assert out["code"] == 2
+    assert "needs torch" in str(out["stderr"]) and "Traceback" not in str(out["stderr"])
