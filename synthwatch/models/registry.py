@@ -300,11 +300,8 @@ def _scene_state(paths: Sequence[Path]) -> tuple[State, ...]:
     the head file's keys are the probe's own."""
     state: State = {}
     for key, value in read_state_dict(paths[0]).items():
-        state[
-            ("features.blocks." + key[len("features.") :])
-            if key.startswith("features.")
-            else "backbone." + key
-        ] = value
+        block = key.removeprefix("features.")
+        state[f"features.blocks.{block}" if block != key else f"backbone.{key}"] = value
     head = read_state_dict(paths[1])
     clash = sorted(k for k in head if k.startswith(("features.", "backbone.")))
     if clash:
