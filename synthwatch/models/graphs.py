@@ -57,14 +57,6 @@ def is_empty(init: Any) -> bool:
     )
 
 
-def template_params(name: str) -> dict[str, tuple[int, ...]]:
-    """The parameter slots of template `name`: state-dict key -> shape."""
-    import onnx
-
-    model = onnx.load(str(template_path(name)))
-    return {i.name: tuple(i.dims) for i in model.graph.initializer if is_empty(i)}
-
-
 def bind(name: str, state: Mapping[str, npt.NDArray[Any]], *, what: str) -> bytes:
     """The serialized ONNX model of template `name` with `state` filled in.
 
