@@ -9,6 +9,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_signing_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Evidence is signed with the user's default key (`signing.default_key_path`) when
+    none is configured: the tests, and the commands they start, get a key of their own
+    instead of creating one in the home directory of whoever runs them."""
+    saved = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """../shared (third-party weights and media), or $SYNTHWATCH_SHARED_DIR; skips if absent.

@@ -12,12 +12,15 @@ values (`X-Amz-Signature`, `sig`, `token`, ...). The media itself is identified 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from synthwatch.operators.evidence import Bundle, EvidenceFrame, write_bundle
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.redact import redact_urls
+from synthwatch.operators.report import ReportContext
+from synthwatch.operators.signing import Signer
 from synthwatch.operators.store import ObjectStore
 from synthwatch.schemas import Alert, Verdict
 
@@ -57,17 +60,37 @@ def alert_with_evidence(
     *,
     evidence_prefix: str,
     policy: Policy,
+    signer: Signer,
+    weights: Mapping[str, str] | None = None,
+    context: Callable[[], ReportContext] | None = None,
 ) -> tuple[Alert, Bundle] | None:
-    """For a decision the policy alerts on: write the evidence bundle, then build the
-    alert that points to it; None for any other decision.
+    """For a decision the policy alerts on: write the evidence bundle, signed by
+    `signer`, then build the alert that points to it; None for any other decision.
 
-    `frames` is called only if the bundle is not in the store yet.
+    `frames` (and `context`: container facts and decoded audio for the report) are
+    called only if the bundle is not in the store yet. `weights`: signal name -> full
+    weights sha256, for the manifest.
     """
     if not policy.alerts(verdict.decision):
         return None
     aid = alert_id(verdict.sha256, verdict.model_set, verdict.policy_version)
+
+    def report_context() -> ReportContext:
+        given = context() if context is not None else ReportContext()
+        # The report shows the thresholds only of the policy that made the decision:
+        # during a rolling upgrade this worker's policy may be another version.
+        same = policy.version == verdict.policy_version
+        return dataclasses.replace(given, policy=policy if same else None)
+
     bundle = write_bundle(
-        store, prefix=evidence_prefix, alert_id=aid, verdict=verdict, frames=frames
+        store,
+        prefix=evidence_prefix,
+        alert_id=aid,
+        verdict=verdict,
+        frames=frames,
+        signer=signer,
+        weights=weights,
+        context=report_context,
     )
     alert = make_alert(
         verdict, evidence_uri=bundle.manifest_uri, manifest_sha256=bundle.manifest_sha256

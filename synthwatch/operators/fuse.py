@@ -26,7 +26,7 @@ that drove the score.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from msgspec.structs import replace
@@ -76,8 +76,14 @@ class Fused:
 def calibrate(signals: Sequence[Signal], calibration: Calibration) -> list[Signal]:
     """Each signal's score from its raw score through its model's calibrator, if fitted.
 
-    Idempotent: the raw score is kept in `raw_score`, and calibrating an already
-    calibrated signal starts again from it, so a verdict can be re-scored under another
+    The signal's segments go through the same calibrator: a segment's score is the peak
+    frame (or window) score in its stretch, and the timeline shows each frame calibrated,
+    so a raw segment would give one frame two numbers (0.98 in the segments, 0.78 on the
+    frame). Calibrators are monotone, so the calibrated peak is the peak of the
+    calibrated frames.
+
+    Idempotent: the raw scores are kept in `raw_score`, and calibrating an already
+    calibrated signal starts again from them, so a verdict can be re-scored under another
     calibration (`synthwatch eval` does, per cross-validation fold). Decisive signals are
     never calibrated: they are facts, not scores.
     """
@@ -86,11 +92,19 @@ def calibrate(signals: Sequence[Signal], calibration: Calibration) -> list[Signa
         raw = sig.score if sig.raw_score is None else sig.raw_score
         cal = calibration.get(sig.name, sig.model) if not sig.decides else None
         if cal is None:
-            out.append(replace(sig, score=raw, raw_score=raw, calibrated=False))
+            segments = [_rescored(seg, lambda v: v) for seg in sig.segments]
+            out.append(replace(sig, score=raw, raw_score=raw, calibrated=False, segments=segments))
         else:
             score = round(cal.apply(raw), 6)
-            out.append(replace(sig, score=score, raw_score=raw, calibrated=True))
+            segments = [_rescored(seg, cal.apply) for seg in sig.segments]
+            out.append(replace(sig, score=score, raw_score=raw, calibrated=True, segments=segments))
     return out
+
+
+def _rescored(segment: Segment, apply: Callable[[float], float]) -> Segment:
+    """`segment` with its score recomputed from its raw score by `apply`."""
+    raw = segment.score if segment.raw_score is None else segment.raw_score
+    return replace(segment, score=round(apply(raw), 6), raw_score=raw)
 
 
 def fused(signal: Signal) -> bool:

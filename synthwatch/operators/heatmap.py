@@ -337,8 +337,11 @@ def patch_occlusion(
     return _window_heat((height, width), windows, (tile, tile), drops)
 
 
-def _colormap(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """Blue -> red ramp through green and yellow, readable in print and on screen."""
+def colormap(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """Blue -> red ramp through green and yellow, readable in print and on screen.
+
+    Public because the report draws its colour scale with it: the scale beside a
+    heatmap must be the very ramp the heatmap was painted with."""
     h = np.clip(heat, 0.0, 1.0)
     r = np.clip(1.5 - np.abs(4.0 * h - 3.0), 0.0, 1.0)
     g = np.clip(1.5 - np.abs(4.0 * h - 2.0), 0.0, 1.0)
@@ -357,7 +360,7 @@ def overlay(
             ),
             dtype=np.float32,
         )
-    colour = _colormap(heat).astype(np.float32)
+    colour = colormap(heat).astype(np.float32)
     a = alpha * np.clip(heat, 0.0, 1.0)[..., None] + 0.15
     blended = image.astype(np.float32) * (1.0 - a) + colour * a
     out: npt.NDArray[np.uint8] = np.clip(blended, 0, 255).astype(np.uint8)

@@ -130,6 +130,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def uri(self, key: str) -> str: ...
 
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key directly or indirectly under the folder `prefix` (sorted): what
+        `verify` compares with a manifest to find objects added to a bundle."""
+
 
 class S3Store(ObjectStore):
     """One bucket of an S3-compatible store, through a boto3 client the caller owns."""
@@ -230,6 +235,19 @@ class S3Store(ObjectStore):
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{check_key(key)}"
 
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = check_key(prefix).rstrip("/") + "/"
+        keys: list[str] = []
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=folder
+            )
+            for page in pages:
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+        except Exception as exc:
+            raise StorageFailed(f"list s3://{self.bucket}/{folder}: {exc}") from None
+        return sorted(keys)
+
 
 class LocalStore(ObjectStore):
     """A directory tree; used by embedded mode for evidence."""
@@ -280,6 +298,15 @@ class LocalStore(ObjectStore):
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        root = self.root.resolve()
+        return sorted(
+            p.relative_to(root).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
 
 
 class LocalHandoff:

@@ -1,4 +1,5 @@
-"""The `synthwatch` command line: scan (embedded), worker, submit, topics, models, alerts.
+"""The `synthwatch` command line: scan (embedded), worker, submit, topics, models, alerts,
+verify and keys.
 
 Errors a user can cause (a missing file, an unsupported format, a refused address,
 missing weights) print one line and exit non-zero; they never show a traceback.
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -34,6 +35,7 @@ from synthwatch.pipeline.scan import (
     shown_source,
 )
 from synthwatch.pipeline.settings import Settings
+from synthwatch.schemas import encode
 
 app = typer.Typer(
     add_completion=False,
@@ -51,6 +53,8 @@ alerts_app = typer.Typer(
     no_args_is_help=True, help="Work with alert records (alert.v2; alert.v1 is still read)."
 )
 app.add_typer(alerts_app, name="alerts")
+keys_app = typer.Typer(no_args_is_help=True, help="The key that signs evidence bundles.")
+app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
 out = Console()
@@ -154,6 +158,17 @@ def scan(
     evidence_dir: Annotated[
         Path | None, typer.Option(help="Write evidence bundles for alerting items here.")
     ] = None,
+    alerts_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--alerts",
+            help=(
+                "Write the alert of each alerting item to FILE as alert.v2 JSON lines, the "
+                "records the Kafka pipeline puts on media.alerts (for `alerts convert` and "
+                "`alerts send`). Needs --evidence-dir: each alert points to its bundle."
+            ),
+        ),
+    ] = None,
     backend: Annotated[
         str | None, typer.Option(help="auto | onnxruntime | torch | tensorrt")
     ] = None,
@@ -177,12 +192,22 @@ def scan(
     if not items:
         err.print("[bold red]error[/]: nothing to scan (no media files found)")
         raise typer.Exit(2)
+    if alerts_out is not None and evidence_dir is None:
+        raise ConfigError(
+            "--alerts needs --evidence-dir: every alert points to its signed evidence bundle"
+        )
     if evidence_dir is not None:
         _check_writable_dir(evidence_dir, "--evidence-dir")
+    if alerts_out is not None:
+        _check_writable_dir(alerts_out.parent, "--alerts")
     json_fh = _open_json(json_out)
+    alerts_fh = alerts_out.open("wb") if alerts_out is not None else None
     store = LocalStore(evidence_dir) if evidence_dir else None
 
     def write(res: ScanResult) -> None:
+        if alerts_fh is not None and res.alert is not None:
+            alerts_fh.write(encode(res.alert) + b"\n")
+            alerts_fh.flush()
         if json_fh is not None:
             line = (
                 res.record
@@ -219,10 +244,14 @@ def scan(
     exit_on_next_interrupt()
     if json_fh is not None and json_fh is not sys.stdout:
         json_fh.close()
+    if alerts_fh is not None:
+        alerts_fh.close()
     _print_table(results, to_stderr=json_out == "-")
     alerted = sum(1 for r in results if "evidence" in r.record)
     if store is not None and alerted:
         err.print(f"evidence bundles for {alerted} item(s) in {evidence_dir}", highlight=False)
+    if alerts_out is not None:
+        err.print(f"{alerted} alert(s) written to {alerts_out}", highlight=False)
     if json_out not in (None, "-"):
         err.print(f"verdicts written to {json_out}", highlight=False)
     if any(r.error for r in results):
@@ -428,37 +457,195 @@ def alerts_convert(
     others are still converted, and the exit code is 1."""
 
     from synthwatch.operators.siem import FORMATS, format_alert
-    from synthwatch.schemas import Alert, decode
 
     if fmt not in FORMATS:
         err.print(f"[bold red]error[/]: unknown format {fmt!r}: use {', '.join(FORMATS)}")
         raise typer.Exit(2)
     sink = load_settings().sink
     bad = 0
+    for alert in _alert_lines(file):
+        if alert is None:
+            bad += 1
+            continue
+        body = format_alert(
+            alert,
+            fmt,
+            sourcetype=sink.splunk_sourcetype,
+            index=sink.splunk_index,
+        )
+        typer.echo(body.decode())
+    if bad:
+        err.print(f"{bad} line(s) not converted", highlight=False)
+        raise typer.Exit(1)
+
+
+@alerts_app.command("send")
+@user_errors
+def alerts_send(
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="alert.v2 or alert.v1 JSON lines (e.g. from scan --alerts); - is stdin."
+        ),
+    ] = "-",
+) -> None:
+    """Deliver each alert line to the configured sink (SYNTHWATCH_SINK__URL, in its
+    format, signed with SYNTHWATCH_SINK__SECRET), with the worker's retries: the
+    webhook sink for a one-machine deployment. A bad or undeliverable line is reported
+    with its line number, the others are still sent, and the exit code is 1."""
+    from synthwatch.operators.webhook import WebhookSink
+
+    failed = 0
+    sent = 0
+    with WebhookSink(load_settings().sink) as sink:
+        for alert in _alert_lines(file):
+            if alert is None:
+                failed += 1
+                continue
+            try:
+                sink.deliver(alert)
+            except SynthwatchError as exc:
+                failed += 1
+                err.print(
+                    f"[bold red]error[/] ({exc.reason}): alert {alert.alert_id}: "
+                    f"{escape(str(exc))}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                continue
+            sent += 1
+        err.print(f"{sent} alert(s) delivered to {escape(sink.endpoint)}", highlight=False)
+    if failed:
+        err.print(f"{failed} line(s) not delivered", highlight=False)
+        raise typer.Exit(1)
+
+
+def _alert_lines(file: str) -> Iterator[Any]:
+    """Each alert of a JSON-lines file (or stdin), or None for a line that is not one,
+    after printing which line and why."""
+    from synthwatch.schemas import Alert, decode
+
     with sys.stdin.buffer if file == "-" else open(file, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                alert = decode(line, Alert)
+                yield decode(line, Alert)
             except SynthwatchError as exc:
-                bad += 1
                 err.print(
                     f"[bold red]error[/] ({exc.reason}): line {number}: {escape(str(exc))}",
                     highlight=False,
                     soft_wrap=True,
                 )
-                continue
-            body = format_alert(
-                alert,
-                fmt,
-                sourcetype=sink.splunk_sourcetype,
-                index=sink.splunk_index,
+                yield None
+
+
+@app.command()
+@user_errors
+def verify(
+    bundle: Annotated[
+        str,
+        typer.Argument(
+            help="An evidence bundle: its folder (or its manifest.json), or s3://bucket/prefix."
+        ),
+    ],
+    keys: Annotated[
+        list[Path] | None,
+        typer.Option("--key", help="Also trust this public key (PEM); may be repeated."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check a bundle's Ed25519 signature, every object's sha256 and size, and that
+    nothing was added; name each object altered, missing or added.
+
+    Exit code: 0 intact and signed by a trusted key; otherwise the sum of 4 (signature
+    does not verify: manifest or signature altered), 8 (unsigned, or signed by a key
+    you do not trust), 16 (an object altered), 32 (an object missing), 64 (an object
+    added); 2 when BUNDLE is not an evidence bundle. Trusted keys: the current signing
+    key, signing.trusted_keys_dir's *.pem (keep old keys there after a rotation), --key.
+    """
+    from synthwatch.operators.evidence import verify_bundle
+    from synthwatch.operators.signing import trusted_keys
+
+    settings = load_settings()
+    store, folder = _bundle_location(bundle, settings)
+    check = verify_bundle(store, folder, trusted_keys(settings.signing, keys))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "bundle": store.uri(folder),
+                    "verified": check.exit_code == 0,
+                    "exit_code": check.exit_code,
+                    "signature": check.signature,
+                    "key_id": check.key_id,
+                    "objects": check.objects,
+                    "altered": check.altered,
+                    "missing": check.missing,
+                    "added": check.added,
+                    "problems": check.problems,
+                },
+                sort_keys=True,
             )
-            typer.echo(body.decode())
-    if bad:
-        err.print(f"{bad} line(s) not converted", highlight=False)
-        raise typer.Exit(1)
+        )
+    elif check.exit_code == 0:
+        out.print(
+            f"[green]verified[/]: {escape(store.uri(folder))}: signature valid "
+            f"(Ed25519, key {check.key_id}), {check.objects} object(s) intact, none added",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"[bold red]NOT verified[/]: {escape(store.uri(folder))}", highlight=False)
+        for line in check.problems:
+            out.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(check.exit_code)
+
+
+def _bundle_location(bundle: str, settings: Settings) -> tuple[Any, str]:
+    """(store, folder key) of a bundle named by a local path or an s3:// URI."""
+    from synthwatch.operators.store import LocalStore, S3Store, s3_client
+
+    if bundle.startswith("s3://"):
+        bucket, _, key = bundle[len("s3://") :].partition("/")
+        key = key.rstrip("/").removesuffix("/manifest.json").removesuffix("manifest.json")
+        if not bucket or not key:
+            raise ConfigError(f"{bundle}: name a bundle as s3://bucket/prefix/bundle")
+        return S3Store(s3_client(settings.s3), bucket), key.rstrip("/")
+    path = Path(bundle)
+    if path.name == "manifest.json":
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(f"{bundle}: no such bundle folder")
+    path = path.resolve()
+    return LocalStore(path.parent), path.name
+
+
+@keys_app.command("show")
+@user_errors
+def keys_show() -> None:
+    """Print the evidence signing key's id and public key (PEM), and where it is kept.
+    Publish the public key so readers of your bundles can verify them."""
+    from synthwatch.operators.signing import Signer
+
+    signer = Signer.from_settings(load_settings().signing)
+    err.print(f"key id: {signer.key_id} (Ed25519), from {escape(signer.source)}", highlight=False)
+    typer.echo(signer.public_pem, nl=False)
+
+
+@keys_app.command("generate")
+@user_errors
+def keys_generate(
+    path: Annotated[Path, typer.Argument(help="Where to write the new private key (PEM).")],
+) -> None:
+    """Create a new Ed25519 signing key (mode 0600; never over an existing file). Point
+    signing.key_file at it, or store it in a Kubernetes Secret; to rotate, put the old
+    public key in signing.trusted_keys_dir so earlier bundles keep verifying."""
+    from synthwatch.operators.signing import Signer, write_new_key
+
+    signer = Signer(write_new_key(path), str(path))
+    err.print(f"wrote {escape(str(path))}: key id {signer.key_id}", highlight=False)
+    typer.echo(signer.public_pem, nl=False)
 
 
 @models_app.command("list")

@@ -44,7 +44,8 @@ from synthwatch.operators.infer import (
 )
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.redact import redact_url
-from synthwatch.operators.sample import Sampled
+from synthwatch.operators.report import AudioTrack, ReportContext, media_facts
+from synthwatch.operators.sample import Sampled, SampleSettings
 from synthwatch.operators.score import Detector, Scored
 from synthwatch.operators.signals.interpret import forensic_signals, provenance_signals
 from synthwatch.pipeline import metrics
@@ -462,6 +463,26 @@ class Engine:
             if applies:
                 notes.append(f"{name} did not run: {why}")
         return notes
+
+
+def sampled_context(analysis: Analysis) -> ReportContext:
+    """The report's container facts and waveform from the sample `scan` already decoded:
+    the audio the detectors heard, not a second decode."""
+    sampled = analysis.sampled
+    audio = None if sampled.audio is None else AudioTrack(sampled.audio, SAMPLE_RATE)
+    return ReportContext(media=media_facts(sampled), audio=audio)
+
+
+def blob_context(verdict: Verdict, path: Path, settings: SampleSettings) -> ReportContext:
+    """The report's container facts and, for an audio item, its waveform, read again
+    from the media file: what the decide stage, which receives only the verdict, gives
+    the report."""
+    media = media_facts(sandbox.probe(path, settings))
+    audio = None
+    if verdict.media_type == "audio":
+        sampled = sandbox.sample(path, settings, media_type="audio")
+        audio = None if sampled.audio is None else AudioTrack(sampled.audio, SAMPLE_RATE)
+    return ReportContext(media=media, audio=audio)
 
 
 def sampled_evidence(engine: Engine, analysis: Analysis, path: Path) -> list[EvidenceFrame]:

@@ -56,6 +56,9 @@ class ScanResult:
     reason: str | None = None
     verdict: Any = None
     """The Verdict, when the item was analysed."""
+    alert: Any = None
+    """The Alert, when a store was given and the policy alerts on the decision: the
+    record the Kafka pipeline would put on `media.alerts`."""
 
 
 def scan_all(
@@ -107,7 +110,11 @@ def _scan(
     on_progress: Callable[[int, int], None],
 ) -> list[ScanResult]:
     from synthwatch.operators.alert import alert_with_evidence
-    from synthwatch.pipeline.engine import Engine, Item, sampled_evidence
+    from synthwatch.operators.evidence import model_weights
+    from synthwatch.operators.signing import Signer
+    from synthwatch.pipeline.engine import Engine, Item, sampled_context, sampled_evidence
+
+    signer = Signer.from_settings(settings.signing) if store is not None else None
 
     with (
         Engine(settings) as engine,
@@ -125,16 +132,20 @@ def _scan(
                 analysis = engine.analyze(item)
                 res.verdict = analysis.verdict
                 record: dict[str, Any] = verdict_record(analysis.verdict)
-                if store is not None:
+                if store is not None and signer is not None:
                     decided = alert_with_evidence(
                         analysis.verdict,
                         functools.partial(sampled_evidence, engine, analysis, fetched.path),
                         store,
                         evidence_prefix="",
                         policy=engine.policy,
+                        signer=signer,
+                        weights=model_weights(analysis.verdict, engine.store.weights_id),
+                        context=functools.partial(sampled_context, analysis),
                     )
                     if decided is not None:
                         alert, bundle = decided
+                        res.alert = alert
                         record["alert_id"] = alert.alert_id
                         record["evidence"] = bundle.manifest_uri
                 res.record = record

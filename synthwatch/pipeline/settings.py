@@ -22,6 +22,7 @@ from synthwatch.errors import ConfigError
 from synthwatch.operators.fetch import FetchSettings
 from synthwatch.operators.policy import PolicySettings
 from synthwatch.operators.sample import SampleSettings
+from synthwatch.operators.signing import SigningSettings
 from synthwatch.operators.store import S3Settings
 from synthwatch.operators.webhook import SinkSettings
 
@@ -185,6 +186,8 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     kafka: KafkaSettings = KafkaSettings()
     s3: S3Settings = S3Settings()
+    signing: SigningSettings = SigningSettings()
+    """The Ed25519 key that signs evidence manifests, and the keys `verify` trusts."""
     retry: RetrySettings = RetrySettings()
     health: HealthSettings = HealthSettings()
     sink: SinkSettings = SinkSettings()

@@ -53,15 +53,17 @@ from synthwatch.errors import (
 from synthwatch.models.registry import ModelStore
 from synthwatch.operators.alert import alert_with_evidence
 from synthwatch.operators.backoff import backoff
-from synthwatch.operators.evidence import EvidenceFrame
+from synthwatch.operators.evidence import EvidenceFrame, model_weights
 from synthwatch.operators.explainer import Explainer, evidence_frames
 from synthwatch.operators.fetch import Fetcher
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.redact import redact_url
+from synthwatch.operators.report import ReportContext
+from synthwatch.operators.signing import Signer
 from synthwatch.operators.store import LocalHandoff, S3Store, blob_key, s3_client
 from synthwatch.operators.webhook import Attempt, WebhookSink
 from synthwatch.pipeline import metrics, tracing
-from synthwatch.pipeline.engine import Engine, Item, store_scorer
+from synthwatch.pipeline.engine import Engine, Item, blob_context, store_scorer
 from synthwatch.pipeline.faults import FaultPoints
 from synthwatch.pipeline.health import Health
 from synthwatch.pipeline.kafka import client_kwargs, stage_input_topics
@@ -160,6 +162,7 @@ class Pipeline:
         self.policy = Policy.from_settings(settings.policy)
         self.engine: Engine | None = None
         self.explainer: Explainer | None = None
+        self.signer: Signer | None = None
         self.fetcher: Fetcher | None = None
         self.sink: WebhookSink | None = None
         self.handoff = (
@@ -194,6 +197,8 @@ class Pipeline:
         if role in ("decide", "all"):
             # decide loads no detector at start: policy, the blob and the verdict's
             # timeline; the explainer opens ONNX sessions on the first alerting verdict.
+            # The signing key is read now: a worker without a usable one fails at start.
+            self.signer = Signer.from_settings(self.settings.signing)
             app.agent(self.verdicts, name="decide")(self._stage("decide", self._decide))
             self.stages.add("decide")
         if role == "sink" or (role == "all" and self.settings.sink.url):
@@ -350,16 +355,27 @@ class Pipeline:
         if not self.policy.alerts(verdict.decision):
             return None
 
-        def frames() -> list[EvidenceFrame]:
-            with self._local_blob(verdict.blob, verdict.sha256) as path:
-                return evidence_frames(verdict, path, self._explainer())
+        # The bundle's frames and the report's media facts come from one download of
+        # the blob, made only when the bundle is not in the store yet.
+        read: list[tuple[list[EvidenceFrame], ReportContext]] = []
 
+        def from_blob() -> tuple[list[EvidenceFrame], ReportContext]:
+            if not read:
+                with self._local_blob(verdict.blob, verdict.sha256) as path:
+                    frames = evidence_frames(verdict, path, self._explainer())
+                    read.append((frames, blob_context(verdict, path, self.settings.sample)))
+            return read[0]
+
+        assert self.signer is not None
         decided = alert_with_evidence(
             verdict,
-            frames,
+            lambda: from_blob()[0],
             self.store,
             evidence_prefix=self.settings.s3.evidence_prefix,
             policy=self.policy,
+            signer=self.signer,
+            weights=model_weights(verdict, self._explainer().store.weights_id),
+            context=lambda: from_blob()[1],
         )
         if decided is None:
             return None

@@ -92,6 +92,12 @@ class Segment(msgspec.Struct, frozen=True, kw_only=True):
     start_s: float
     end_s: float
     score: float
+    """The highest frame or window score in the stretch, on the same scale as its
+    signal's `score`: calibrated when the signal is, so a segment reads the number the
+    frame behind it shows (`fuse.calibrate`)."""
+    raw_score: float | None = None
+    """The same before calibration; None from a producer that predates calibrated
+    segments (whose `score` is then the raw one)."""
 
 
 class Signal(msgspec.Struct, frozen=True, kw_only=True):

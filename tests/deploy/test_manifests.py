@@ -473,6 +473,20 @@ def test_credentials_come_only_from_secret_references(
             assert not set(s3) & set(env), deployment["metadata"]["name"]
 
 
+def test_only_the_decide_workers_hold_the_evidence_signing_key(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """Every decide pod signs manifests with the one key of the Secret; the stages that
+    write no evidence never see it."""
+    for name, deployment in workers(rendered["cpu+alert-sink"]).items():
+        env = {e["name"]: e for e in worker_container(deployment).get("env", [])}
+        if name != "decide":
+            assert "SYNTHWATCH_SIGNING__KEY" not in env, name
+            continue
+        ref = env["SYNTHWATCH_SIGNING__KEY"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("synthwatch-signing", "key.pem")
+
+
 def test_alert_sink_reads_its_keys_from_the_sink_secret(
     rendered: dict[str, list[Obj]],
 ) -> None:

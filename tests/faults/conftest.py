@@ -34,6 +34,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from synthwatch.operators.evidence import verify_bundle
+from synthwatch.operators.signing import SigningSettings, trusted_keys
+from synthwatch.operators.store import S3Store
 from tests.private_services import PrivateServices, free_port
 
 _HERE = Path(__file__).resolve().parent
@@ -449,25 +452,19 @@ class Ledger:
 
 
 def bundle_problems(alert: dict[str, Any], s3: Any, bucket: str) -> list[str]:
-    """The evidence bundle is whole: the manifest hashes to the alert's, every object
-    it lists is there with its hash, and nothing else sits under the bundle's prefix."""
+    """The evidence bundle is whole: the manifest hashes to the alert's, and `verify`
+    finds it signed by the workers' key, every object it lists there with its hash and
+    size, and nothing else in the bundle's folder."""
     key = alert["evidence_uri"].removeprefix(f"s3://{bucket}/")
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     if hashlib.sha256(body).hexdigest() != alert["manifest_sha256"]:
         return [f"{alert['id']}: manifest hash differs from the alert's"]
-    manifest = json.loads(body)
-    problems = []
-    listed = {o["key"] for o in manifest["objects"]} | {key}
-    for obj in manifest["objects"]:
-        data = s3.get_object(Bucket=bucket, Key=obj["key"])["Body"].read()
-        if hashlib.sha256(data).hexdigest() != obj["sha256"]:
-            problems.append(f"{alert['id']}: {obj['key']} hash differs")
-    prefix = key.rsplit("/", 1)[0] + "/"
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    present = {o["Key"] for page in pages for o in page.get("Contents", [])}
-    if extra := present - listed:
-        problems.append(f"{alert['id']}: objects outside the manifest: {sorted(extra)[:5]}")
-    return problems
+    # The workers inherit this process's environment, so they sign with the key the
+    # session's XDG_CONFIG_HOME holds (tests/conftest.py).
+    check = verify_bundle(
+        S3Store(s3, bucket), key.rsplit("/", 1)[0], trusted_keys(SigningSettings())
+    )
+    return [f"{alert['id']}: {problem}" for problem in check.problems]
 
 
 @pytest.fixture

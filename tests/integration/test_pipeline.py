@@ -212,6 +212,11 @@ def test_refs_end_as_verdicts_alerts_with_evidence_or_dlq_records(
         for obj in manifest["objects"]:
             body = s3_client.get_object(Bucket=services.bucket, Key=obj["key"])["Body"].read()
             assert hashlib.sha256(body).hexdigest() == obj["sha256"], obj["key"]
+        # A reader checks the signed bundle where it lies, in S3, with the worker's key.
+        folder = key.removesuffix("/manifest.json")
+        checked = synthwatch(env, "verify", f"s3://{services.bucket}/{folder}", "--json")
+        result = json.loads(checked.stdout)
+        assert result["verified"] and result["objects"] == len(manifest["objects"])
     assert verdicts[ids["clip"]]["has_audio"] is True
     # The same bytes fetched over s3:// are the same item (same sha256, same blob).
     assert verdicts[ids["s3"]]["sha256"] == verdicts[ids["photo"]]["sha256"]
@@ -335,7 +340,9 @@ def test_one_process_per_role_and_a_redelivered_verdict_changes_nothing(
         first = asyncio.run(_collect(services.bootstrap, [verdicts_t, alerts_t], alerted(1), 180))
         assert alerted(1)(first), "\n".join(p.read_text(errors="replace")[-2000:] for p in logs)
         (alert,) = [a for a in first[alerts_t] if a["id"] == ref_id]
-        prefix = f"evidence/{alert['alert_id']}/"
+        folder = alert["evidence_uri"].removeprefix(f"s3://{services.bucket}/")
+        prefix = folder.removesuffix("manifest.json")
+        assert prefix.endswith(f"_{alert['alert_id']}/")
         stored = _list_keys(s3_client, services.bucket, prefix)
         assert any(k.endswith("manifest.json") for k in stored)
 

@@ -34,6 +34,7 @@ from synthwatch.errors import InvalidRef, SchemaInvalid
 from synthwatch.operators.alert import alert_id, make_alert
 from synthwatch.operators.evidence import EvidenceFrame, write_bundle
 from synthwatch.operators.fetch import Fetcher, FetchSettings
+from synthwatch.operators.signing import Signer
 from synthwatch.operators.store import LocalStore, S3Store, blob_key, check_key
 from synthwatch.pipeline.settings import Settings
 from synthwatch.pipeline.topology import Pipeline
@@ -395,9 +396,11 @@ def _frames() -> list[EvidenceFrame]:
 
 
 _BUNDLE_OBJECT = re.compile(
-    r"[0-9a-f]{16}_(report\.json|frame_\d{2}_[0-9.\-]+s\.jpg|frame_\d{2}_[0-9.\-]+s_\w+\.png)"
-    r"|manifest\.json"
+    r"[0-9a-f]{16}_(report\.json|report\.html|frame_\d{2}_[0-9.\-]+s\.jpg|frame_\d{2}_[0-9.\-]+s_\w+\.png)"
+    r"|manifest\.json|manifest\.sig\.json"
 )
+_BUNDLE_FOLDER = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,47}_)?[0-9a-f]{32}")
+"""A bundle folder: an optional readable prefix from the item's name, then the alert id."""
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=_ids(HOSTILE_NAMES))
@@ -415,14 +418,26 @@ def test_evidence_keys_derive_from_hashes_whatever_the_verdict_says(
     )
     aid = alert_id(verdict.sha256, verdict.model_set, verdict.policy_version)
     bundle = write_bundle(
-        LocalStore(root), prefix="evidence", alert_id=aid, verdict=verdict, frames=_frames
+        LocalStore(root),
+        prefix="evidence",
+        alert_id=aid,
+        verdict=verdict,
+        frames=_frames,
+        signer=Signer.generate(),
     )
     assert bundle.created
     files = [p for p in _files_under(root) if p.is_file()]
-    assert len(files) == 4  # two frames, the report, the manifest
+    # two frames, the report (JSON and HTML), the manifest, its signature; the public
+    # key beside them
+    assert len(files) == 7
+    folder = bundle.manifest_key.split("/")[1]
+    assert folder.endswith(aid) and _BUNDLE_FOLDER.fullmatch(folder), folder
     for path in files:
         rel = path.relative_to(root)
-        assert rel.parts[:2] == ("evidence", aid), rel
+        if rel.parts[:2] == ("evidence", "keys"):
+            assert len(rel.parts) == 3 and re.fullmatch(r"[0-9a-f]{16}\.pem", rel.parts[2])
+            continue
+        assert rel.parts[:2] == ("evidence", folder), rel
         assert len(rel.parts) == 3 and _BUNDLE_OBJECT.fullmatch(rel.parts[2]), rel
 
 
@@ -447,11 +462,14 @@ def test_evidence_frame_names_from_hostile_times_stay_in_the_bundle(
             alert_id="cd" * 16,
             verdict=verdict,
             frames=lambda: [EvidenceFrame(time_s=time_s, image=image)],
+            signer=Signer.generate(),
         )
-    files = [p for p in _files_under(root) if p.is_file()]
-    assert len(files) == (0 if refused else 4)  # two frames, the report, the manifest
+    files = [p for p in _files_under(root) if p.is_file() and p.parent.name != "keys"]
+    # two frames, report.json, report.html, the manifest, its signature
+    assert len(files) == (0 if refused else 6)
     for path in files:
-        assert path.relative_to(root).parts[:2] == ("evidence", "cd" * 16)
+        rel = path.relative_to(root)
+        assert rel.parts[0] == "evidence" and rel.parts[1].endswith("cd" * 16), rel
 
 
 # --- fetch: names come from the content hash, never from the ref ---------------------

@@ -34,6 +34,7 @@ from synthwatch.operators.alert import make_alert
 from synthwatch.operators.evidence import EvidenceFrame, write_bundle
 from synthwatch.operators.fetch import Fetcher, FetchSettings
 from synthwatch.operators.redact import redact_urls
+from synthwatch.operators.signing import Signer
 from synthwatch.operators.store import LocalStore, S3Settings
 from synthwatch.pipeline import logs
 from synthwatch.pipeline.health import Health
@@ -291,9 +292,11 @@ def test_evidence_bundle_never_contains_secrets(name: str, tmp_path: Path) -> No
         alert_id="cd" * 16,
         verdict=_verdict(SECRET_URLS[name]),
         frames=lambda: [EvidenceFrame(time_s=0.5, image=image)],
+        signer=Signer.generate(),
     )
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) == 3  # the frame, the report, the manifest
+    # the frame, report.json, report.html, the manifest, its signature, the public key
+    assert len(files) == 6
     for path in files:
         assert_no_secret(path.read_bytes(), path.name)
         assert_no_secret(str(path), "an evidence file name")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from synthwatch.pipeline.cli import app
+from synthwatch.schemas import Alert, decode
 from tests.media_factory import make_corrupt, make_image, make_video
 
 runner = CliRunner()
@@ -45,9 +47,11 @@ def test_scan_writes_one_json_line_per_item_and_evidence(
     image = make_image(tmp_path / "photo.png", width=320, height=240, fmt="PNG")
     fake_face = shared_dir / "media/dev/fake/df00204.jpg"
     evidence = tmp_path / "evidence"
+    alerts = tmp_path / "out" / "alerts.jsonl"
     # A low review threshold, so the evidence path runs whatever the models' quality.
+    args = [str(video), str(image), str(fake_face), "--json", "-", "--evidence-dir", str(evidence)]
     proc = _scan(
-        [str(video), str(image), str(fake_face), "--json", "-", "--evidence-dir", str(evidence)],
+        [*args, "--alerts", str(alerts)],
         {**model_env, "SYNTHWATCH_POLICY__REVIEW_THRESHOLD": "0.2"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -85,6 +89,26 @@ def test_scan_writes_one_json_line_per_item_and_evidence(
     heatmap = next(o for o in manifest["objects"] if o["role"] == "heatmap")
     assert heatmap["explains"].endswith(".jpg") and "occlusion map of sbi_face@" in heatmap["note"]
     assert "verdicts" in proc.stderr  # the table goes to stderr when JSON goes to stdout
+    # The bundle's folder says which item it is, and `--alerts` holds the very alert
+    # records the Kafka pipeline would emit, one per alerting item, pointing at it.
+    assert manifest_path.parent.name == f"df00204.jpg_{face['alert_id']}"
+    emitted = [decode(line, Alert) for line in alerts.read_bytes().splitlines()]
+    alerting = [r for r in lines if "evidence" in r]
+    assert [a.alert_id for a in emitted] == [r["alert_id"] for r in alerting]
+    assert [a.evidence_uri for a in emitted] == [r["evidence"] for r in alerting]
+    assert emitted[-1].manifest_sha256 == hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+    # The fresh bundle verifies; one flipped bit in the heatmap is found and named.
+    verify = [sys.executable, "-m", "synthwatch", "verify", str(manifest_path.parent)]
+    env = {**model_env, "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(verify, env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "verified" in ok.stdout, ok.stdout + ok.stderr
+    png = manifest_path.parent / heatmap["key"].rsplit("/", 1)[-1]
+    data = bytearray(png.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    png.write_bytes(bytes(data))
+    bad = subprocess.run(verify, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 16, bad.stdout + bad.stderr
+    assert f"{png.name}: altered" in bad.stdout
 
 
 @pytest.mark.shared

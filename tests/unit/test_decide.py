@@ -10,9 +10,10 @@ import pytest
 
 from synthwatch.errors import InvalidRef
 from synthwatch.operators.alert import alert_id, make_alert
-from synthwatch.operators.evidence import EvidenceFrame, verify_bundle, write_bundle
+from synthwatch.operators.evidence import Bundle, EvidenceFrame, verify_bundle, write_bundle
 from synthwatch.operators.fuse import aggregate_scores
 from synthwatch.operators.policy import Policy
+from synthwatch.operators.signing import Signer
 from synthwatch.operators.store import LocalStore, blob_key, check_key
 from synthwatch.schemas import FaceBox, FrameResult, Verdict
 
@@ -93,6 +94,13 @@ def test_alert_id_is_deterministic_and_changes_with_policy_or_models() -> None:
     assert alert.alert_id == alert_id("ab" * 32, "ms1", "policy.v1")
 
 
+SIGNER = Signer.generate()
+
+
+def _folder(bundle: Bundle) -> str:
+    return bundle.manifest_key.rsplit("/", 1)[0]
+
+
 def _frames() -> list[EvidenceFrame]:
     rng = np.random.default_rng(0)
     return [
@@ -106,18 +114,23 @@ def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(
 ) -> None:
     store = LocalStore(tmp_path)
     v = verdict()
-    first = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=_frames)
+    first = write_bundle(
+        store, prefix="evidence", alert_id="a1", verdict=v, frames=_frames, signer=SIGNER
+    )
     assert first.created
     manifest = json.loads(store.get_bytes(first.manifest_key))
     roles = sorted(o["role"] for o in manifest["objects"])
-    assert roles == ["frame", "frame", "report"]
-    assert verify_bundle(store, first.manifest_key) == []
+    assert roles == ["frame", "frame", "report", "report_html"]
+    check = verify_bundle(store, _folder(first), {SIGNER.key_id: SIGNER.public})
+    assert check.exit_code == 0 and check.problems == []
     stored = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     def must_not_decode() -> list[EvidenceFrame]:
         raise AssertionError("a redelivered verdict re-decoded its frames")
 
-    again = write_bundle(store, prefix="evidence", alert_id="a1", verdict=v, frames=must_not_decode)
+    again = write_bundle(
+        store, prefix="evidence", alert_id="a1", verdict=v, frames=must_not_decode, signer=SIGNER
+    )
     assert not again.created
     assert again.manifest_sha256 == first.manifest_sha256
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == stored
@@ -125,10 +138,13 @@ def test_evidence_bundle_manifest_hashes_match_and_a_retry_overwrites_nothing(
 
 def test_tampered_evidence_is_detected(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    b = write_bundle(store, prefix="evidence", alert_id="a2", verdict=verdict(), frames=_frames)
+    b = write_bundle(
+        store, prefix="evidence", alert_id="a2", verdict=verdict(), frames=_frames, signer=SIGNER
+    )
     report = next(tmp_path.rglob("*_report.json"))
     report.write_bytes(report.read_bytes().replace(b"0.95", b"0.05"))
-    assert any("mismatch" in p for p in verify_bundle(store, b.manifest_key))
+    check = verify_bundle(store, _folder(b), {SIGNER.key_id: SIGNER.public})
+    assert check.altered == [report.name] and check.signature == "valid"
 
 
 def test_local_store_is_write_once(tmp_path: Path) -> None:

@@ -188,7 +188,13 @@ def forensic_overlays(path: Path | None, image: npt.NDArray[np.uint8]) -> list[O
         (spec, "residual_spectrum", "log spectrum of the noise residual, peak score"),
     ]
     return [
-        Overlay(name=name, role="forensic_map", png=m.png(), note=f"{what} {m.score:.3f}")
+        Overlay(
+            name=name,
+            role="forensic_map",
+            png=m.png(),
+            # The raw feature, not the calibrated score the verdict's signal carries.
+            note=f"{what} {m.score:.3f} (raw feature value, before calibration)",
+        )
         for m, name, what in shown
         if m is not None
     ]
