@@ -1013,5 +1013,34 @@ def train(
     )
 
 
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (SYNTHWATCH_API__HOST; 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (SYNTHWATCH_API__PORT; 8080).")] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Serve without API keys, on a loopback address only: for local use.",
+        ),
+    ] = False,
+    allow_missing_models: AllowMissing = False,
+) -> None:
+    """Serve the HTTP API and the review page; this process runs the scans (embedded
+    mode). Needs API keys (SYNTHWATCH_API__KEYS_FILE or SYNTHWATCH_API__KEYS)."""
+    from synthwatch.pipeline import api, logs
+
+    settings = load_settings(
+        api__host=host,
+        api__port=port,
+        models__allow_missing=True if allow_missing_models else None,
+    )
+    logs.configure(settings.log_level, settings.log_json)
+    api.serve(settings, insecure_no_auth=insecure_no_auth)
+
+
 def main() -> None:
     app()

@@ -172,6 +172,46 @@ class HealthSettings(_Frozen):
     """Liveness fails when work is pending and no record has finished for this long."""
 
 
+def _default_api_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "synthwatch" / "api"
+
+
+class ApiSettings(_Frozen):
+    """`synthwatch serve`: the HTTP API and its review page (`pipeline/api.py`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    mode: Literal["embedded", "cluster"] = "embedded"
+    """embedded: the server runs each scan itself, with one long-lived engine. cluster:
+    it hands each scan to the running pipeline (an upload is first stored in the bucket
+    under `uploads/`), produces a MediaRef to the refs topic and follows the verdict,
+    alert and dead-letter topics (`pipeline/cluster.py`); evidence bundles live in S3."""
+    cluster_timeout_s: float = Field(default=3600.0, gt=0)
+    """Cluster mode: a scan without a verdict or dead letter after this long ends in
+    error (reason `timeout`)."""
+    alert_wait_s: float = Field(default=120.0, gt=0)
+    """Cluster mode: how long to wait, after an alerting verdict, for the decide stage's
+    alert and its bundle before the server writes a bundle of its own (without frames)."""
+    data_dir: Path = Field(default_factory=_default_api_data_dir)
+    """Scan records (`scans/<id>.json`), the audit log (`audit.jsonl`), evidence bundles
+    (`evidence/`) and uploads in progress (`uploads/`)."""
+    keys: dict[str, SecretStr] = {}
+    """Client name -> API key, e.g. `SYNTHWATCH_API__KEYS='{"newsdesk": "..."}'`; the
+    name is who the audit log says acted. Keys are secrets: prefer `keys_file`."""
+    keys_file: Path | None = None
+    """A file of more keys: a JSON object (name -> key) or lines `name:key` (`#`
+    comments). Read once at start."""
+    max_upload_bytes: int = Field(default=512 * 1024**2, ge=1)
+    """An upload over this many bytes is refused (413) while it streams in."""
+    workers: int = Field(default=2, ge=1)
+    """Scans analysed at once; the others wait in the queue."""
+    callback_secret: SecretStr | None = None
+    """HMAC-SHA256 key that signs callbacks (`X-Synthwatch-Signature`, as the alert
+    sink signs); a scan may name a `callback_url` only when it is set."""
+    session_ttl_s: float = Field(default=8 * 3600, gt=0)
+    """How long a review-page login lasts."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SYNTHWATCH_", env_nested_delimiter="__", frozen=True, extra="ignore"
@@ -192,6 +232,8 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     sink: SinkSettings = SinkSettings()
     tracing: TracingSettings = TracingSettings()
+    api: ApiSettings = ApiSettings()
+    """`synthwatch serve`."""
     fault_points: tuple[str, ...] = ()
     """Fault injection for the fault suite (tests/faults), inert when empty: entries
     `<stage>.<point>=kill` (SIGKILL this process there) or `=sleep:<seconds>`, e.g.
