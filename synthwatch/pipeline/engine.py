@@ -28,7 +28,7 @@ from synthwatch.models.registry import DEFAULT_CALIBRATION, ModelKind, ModelStor
 from synthwatch.models.speech import SAMPLE_RATE
 from synthwatch.operators import calibrate as calibrate_op
 from synthwatch.operators import faces as faces_op
-from synthwatch.operators import fuse, sandbox, score
+from synthwatch.operators import fuse, phash, sandbox, score
 from synthwatch.operators.batcher import Batcher
 from synthwatch.operators.calibrate import Calibration
 from synthwatch.operators.evidence import EvidenceFrame
@@ -383,6 +383,7 @@ class Engine:
             decided_by=fused.decided_by,
             provenance=provenance,
             detected_at=round(time.time(), 3),
+            hashes=phash.frame_hashes(sampled.frames, still=sampled.media_type == "image"),
         )
         return Analysis(verdict=verdict, sampled=sampled)
 

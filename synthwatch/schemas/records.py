@@ -123,6 +123,18 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     """The time segments that drove this signal's aggregated score."""
 
 
+class MediaHash(msgspec.Struct, frozen=True, kw_only=True):
+    """A perceptual hash of a still or of one sampled video frame (`operators/phash.py`)."""
+
+    algorithm: Literal["pdq"]
+    hash: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$", max_length=64)]
+    """64 lowercase hex digits, the first bit most significant (ThreatExchange's form)."""
+    quality: int
+    """0-100: under 50 the image has too little structure to match on."""
+    time_s: float | None = None
+    """The frame's time in a video; None for a still."""
+
+
 class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     """C2PA content credentials as read offline (no remote manifests, no OCSP)."""
 
@@ -176,6 +188,9 @@ class Verdict(_Record, tag="verdict.v2", frozen=True, kw_only=True):
     provenance: Provenance | None = None
     detected_at: float = 0.0
     """Unix time the verdict was made (0.0 from a producer that predates the field)."""
+    hashes: list[MediaHash] = []
+    """PDQ hashes of the still or of each sampled video frame; empty for audio, and from
+    a producer that predates the field."""
 
 
 class Alert(_Record, tag="alert.v2", frozen=True, kw_only=True):
