@@ -89,7 +89,7 @@ class LocalServer:
                 owner.posted.set()
 
             def log_message(self, *_args: object) -> None:
-                pass
+                """Quiet: the test output is about the API, not this server's requests."""
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"

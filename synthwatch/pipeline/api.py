@@ -232,11 +232,11 @@ class Sessions:
 
 
 class UploadTooLarge(Exception):
-    pass
+    """The upload passed `api.max_upload_bytes` while streaming in (413)."""
 
 
 class BadForm(Exception):
-    pass
+    """The multipart body is malformed or lacks its `file` part (422)."""
 
 
 class _FormReader:

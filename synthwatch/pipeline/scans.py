@@ -201,7 +201,7 @@ class ReviewRequest(BaseModel):
 
 
 class ScanNotFound(LookupError):
-    pass
+    """No such scan, or it has no bundle object by that name (404)."""
 
 
 class NotReady(Exception):
