@@ -23,8 +23,10 @@ from benchmarks._common import RESULTS, ROOT, fmt
 # Order: the hot paths first, end to end last.
 SCRIPTS = (
     "sampling",
+    "hashing",
     "inference",
     "batcher",
+    "match",
     "store",
     "startup",
     "stages",

@@ -14,13 +14,16 @@ def _own_signing_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     """Evidence is signed with the user's default key (`signing.default_key_path`) when
     none is configured: the tests, and the commands they start, get a key of their own
     instead of creating one in the home directory of whoever runs them."""
-    saved = os.environ.get("XDG_CONFIG_HOME")
+    saved = {name: os.environ.get(name) for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME")}
     os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    # ... and no lists of known media but the ones a test makes (`matching.db`).
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
     yield
-    if saved is None:
-        os.environ.pop("XDG_CONFIG_HOME", None)
-    else:
-        os.environ["XDG_CONFIG_HOME"] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

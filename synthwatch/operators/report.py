@@ -40,6 +40,8 @@ import numpy as np
 import numpy.typing as npt
 
 from synthwatch.operators import fuse
+from synthwatch.operators.matching import AUTHENTIC_NOTE
+from synthwatch.operators.matching import describe as describe_match
 from synthwatch.schemas import FaceBox, FrameResult, Segment, Signal, Verdict
 
 if TYPE_CHECKING:
@@ -552,6 +554,7 @@ def _meaning(verdict: Verdict, thresholds: Thresholds) -> list[str]:
     flag = score_text(thresholds.flag) if thresholds.flag is not None else "its"
     score = score_text(verdict.synthetic_score)
     c2pa = next((s for s in verdict.signals if s.name == "c2pa" and s.decides), None)
+    known_fake = next((s for s in verdict.signals if s.name == "match" and s.decides), None)
     paragraphs: list[str] = []
     if verdict.decision == "flag" and c2pa is not None and c2pa.decides == "flag":
         paragraphs.append(
@@ -561,6 +564,16 @@ def _meaning(verdict: Verdict, thresholds: Thresholds) -> list[str]:
             "a detector's estimate: the signature shows the statement and the content "
             "have not changed since signing, and the signer is who its certificate "
             "says, which is only as trustworthy as the certificate's issuer."
+        )
+    elif verdict.decision == "flag" and known_fake is not None:
+        paragraphs.append(
+            "Flagged: this item matches an entry of a list of known fakes (see the "
+            "provenance section): a perceptual hash of it lies within the match "
+            "threshold of one whose source has already found it fake. A match says the "
+            "picture is the listed one, re-encoded, resized or slightly cropped; it "
+            "does not examine the item again, so it is as good as the list, and the "
+            "entry's reference says why it was listed. The detectors' own readings are "
+            "below."
         )
     elif verdict.decision == "flag":
         paragraphs.append(
@@ -663,6 +676,10 @@ def _provenance(verdict: Verdict) -> list[str]:
             "valid signature shows who signed and that nothing changed since; it is not "
             "evidence that the content is authentic."
         )
+    for match in verdict.matches:
+        lines.append(f"This item {describe_match(match)}.")
+        if match.label == "authentic":
+            lines.append(f"Note: {AUTHENTIC_NOTE}.")
     if prov is not None and prov.present:
         if prov.signer:
             lines.append(f"Signed by: {prov.signer}.")

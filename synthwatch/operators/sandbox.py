@@ -1,9 +1,10 @@
 """Run the decoders in a child process with resource limits and a hard deadline.
 
 FFmpeg and Pillow parse hostile bytes in C. `probe`, `sample` and `frames_at` here are
-the `sample` module's functions run in a child process, so a decoder that segfaults,
-aborts, hangs or allocates without bound kills only that child: the caller gets the
-item's `SynthwatchError` and the worker goes on with the next item.
+the `sample` module's functions run in a child process, and `vpdq` is `phash.vpdq_file`
+run there, so a decoder that segfaults, aborts, hangs or allocates without bound kills
+only that child: the caller gets the item's `SynthwatchError` and the worker goes on
+with the next item.
 
 Why a `subprocess` of `python -m synthwatch.operators.sandbox`, not `multiprocessing`:
 
@@ -83,6 +84,7 @@ from PIL import Image
 from synthwatch import errors as errors_mod
 from synthwatch.errors import CorruptMedia, LimitExceeded, SynthwatchError
 from synthwatch.models.speech import SAMPLE_RATE
+from synthwatch.operators import phash
 from synthwatch.operators import sample as sample_op
 from synthwatch.operators.sample import (
     MAX_SIDE,
@@ -92,6 +94,7 @@ from synthwatch.operators.sample import (
     SampleSettings,
     register_plugins,
 )
+from synthwatch.schemas import MediaHash
 
 log = structlog.get_logger("synthwatch.sandbox")
 
@@ -163,6 +166,32 @@ def frames_at(path: Path, times_s: list[float], settings: SampleSettings) -> lis
         settings,
         result_type=list[Frame],
         max_result_bytes=len(times_s) * MAX_SIDE * MAX_SIDE * 3,
+    )
+
+
+def vpdq(
+    path: Path,
+    settings: SampleSettings,
+    *,
+    seconds_per_hash: float = phash.VPDQ_SECONDS_PER_HASH,
+    max_hashes: int = phash.VPDQ_MAX_HASHES,
+) -> list[MediaHash]:
+    """`phash.vpdq_file`, isolated (unless `settings.isolate` is off): the frames are
+    decoded and hashed in the child, and only the hashes (about 120 bytes each, no
+    arrays) come back; 600 frames of 1080p would be 3.7 GB over the socket. Raises like
+    `sample`. (`pdqhash` is imported in the child on its first vPDQ, under the memory
+    cap: it adds 0.2 MB and under 1 ms, so it is not preloaded into every child.)"""
+    if not settings.isolate:
+        return phash.vpdq_file(
+            path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes
+        )
+    return run(
+        phash.vpdq_file,
+        (Path(path), settings),
+        settings,
+        kwargs={"seconds_per_hash": seconds_per_hash, "max_hashes": max_hashes},
+        result_type=list[MediaHash],
+        max_result_bytes=0,
     )
 
 

@@ -334,6 +334,19 @@ def ocsf_finding(alert: Alert) -> dict[str, Any]:
             ],
             "decided_by": list(alert.decided_by),
             "submitted_at": alert.submitted_at,
+            "matches": [
+                {
+                    "list": m.list,
+                    "entry": m.entry,
+                    "label": m.label,
+                    "algorithm": m.algorithm,
+                    "distance": m.distance,
+                    "threshold": m.threshold,
+                    "reference": m.reference,
+                    "source": m.source,
+                }
+                for m in alert.matches
+            ],
         },
     }
     if conf_score is not None:

@@ -1042,5 +1042,199 @@ def serve(
     api.serve(settings, insecure_no_auth=insecure_no_auth)
 
 
+@app.command()
+@user_errors
+def rescan(
+    verdict_files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="VERDICTS...",
+            help="JSON-lines verdict files: what `scan --json` wrote, or verdict records.",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only items submitted at or after this time: ISO 8601 (UTC when no zone "
+            "is given) or Unix seconds."
+        ),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Only items submitted before this time (as --since).")
+    ] = None,
+    source: Annotated[
+        list[str] | None, typer.Option(help="Only items from this source (repeatable).")
+    ] = None,
+    decision: Annotated[
+        list[str] | None,
+        typer.Option(help="Only items whose earlier decision was this (repeatable)."),
+    ] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the diff as JSON to FILE.")
+    ] = None,
+    json_stdout: Annotated[
+        bool, typer.Option("--json", help="Print the diff as JSON on stdout instead of a table.")
+    ] = False,
+    verdicts_out: Annotated[
+        Path | None,
+        typer.Option(help="Write the new verdicts to FILE as JSON lines (as `scan --json`)."),
+    ] = None,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="Re-submit the items' stored blobs to the running pipeline (Kafka, "
+            "SYNTHWATCH_KAFKA__*) and read its new verdicts; it alerts on every flip.",
+        ),
+    ] = False,
+    from_topic: Annotated[
+        bool,
+        typer.Option(
+            "--from-topic",
+            help="With --cluster: take the earlier verdicts from the verdicts topic (from "
+            "its beginning to its end at the start).",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="With --cluster: seconds to wait for the new verdicts.")
+    ] = 600.0,
+    workers: Annotated[int, typer.Option(help="Items decoded at once (embedded mode).")] = 2,
+) -> None:
+    """Scan stored items again with the current models, calibration and policy, and
+    show which verdicts changed and why. Exit 0 when it ran: flips are findings."""
+    import asyncio
+
+    from synthwatch.pipeline import logs
+    from synthwatch.pipeline import rescan as rs
+
+    files = verdict_files or []
+    if from_topic and not cluster:
+        raise ConfigError("--from-topic reads the pipeline's verdicts topic: add --cluster")
+    if not files and not from_topic:
+        raise ConfigError("name the verdict files to re-scan (or --cluster --from-topic)")
+    if workers < 1:
+        raise ConfigError(f"--workers: must be at least 1 (got {workers})")
+    if timeout <= 0:
+        raise ConfigError(f"--timeout: must be more than 0 seconds (got {timeout:g})")
+    filters = rs.Filters(
+        since=rs.parse_time(since, "--since") if since is not None else None,
+        until=rs.parse_time(until, "--until") if until is not None else None,
+        sources=tuple(source or ()),
+        decisions=rs.check_decisions(decision or ()),
+    )
+    for path, option in ((out_file, "--out"), (verdicts_out, "--verdicts-out")):
+        if path is not None:
+            _check_writable_dir(path.parent, option)
+    settings = load_settings()
+    logs.configure("WARNING", settings.log_json)
+    loaded = rs.read_verdict_files(files)
+    if from_topic:
+        topic = asyncio.run(rs.read_verdicts_topic(settings))
+        merged = rs.latest_per_id([*loaded.verdicts, *topic.verdicts])
+        loaded = rs.Loaded(merged.verdicts, skipped=loaded.skipped + topic.skipped)
+    selected = [v for v in loaded.verdicts if filters.matches(v)]
+    if not selected:
+        err.print(f"no verdict matched the filters ({len(loaded.verdicts)} read)", highlight=False)
+    run = rs.new_run_id()
+    with _progress() as progress:
+        task = progress.add_task("re-scanning", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if cluster:
+            outcomes = rs.rescan_cluster(
+                settings, selected, run=run, timeout_s=timeout, on_progress=advance
+            )
+        else:
+            outcomes = rs.rescan_embedded(
+                settings, selected, run=run, workers=workers, on_progress=advance
+            )
+    result = rs.diff(
+        outcomes,
+        run=run,
+        mode="cluster" if cluster else "embedded",
+        filters=filters,
+        input_skipped=loaded.skipped,
+    )
+    text = rs.to_json(result)
+    if out_file is not None:
+        out_file.write_text(text, encoding="utf-8")
+    if verdicts_out is not None:
+        from synthwatch.pipeline.scan import verdict_record
+
+        with verdicts_out.open("w", encoding="utf-8") as fh:
+            for o in outcomes:
+                if o.new is not None:
+                    fh.write(json.dumps(verdict_record(o.new), sort_keys=True) + "\n")
+    if json_stdout:
+        sys.stdout.write(text)
+        err.print(rs.summary_line(result), highlight=False)
+    else:
+        _print_rescan(result)
+        out.print(rs.summary_line(result), highlight=False)
+    if out_file is not None:
+        err.print(f"diff written to {out_file}", highlight=False)
+
+
+def _print_rescan(result: Any) -> None:
+    """The flipped items (and those not re-scanned), one row each."""
+    flipped = [i for i in result.items if i.flipped]
+    if flipped:
+        table = Table(title=f"synthwatch rescan {result.run[:12]}: flipped", title_justify="left")
+        table.add_column("item", overflow="fold")
+        table.add_column("id")
+        table.add_column("decision")
+        table.add_column("score", justify="right")
+        table.add_column("why", overflow="fold")
+        for i in flipped:
+            table.add_row(
+                escape(i.name),
+                i.id[:12],
+                f"[{_DECISION_STYLE[i.previous_decision]}]{i.previous_decision}[/] -> "
+                f"[{_DECISION_STYLE[i.decision]}]{i.decision}[/]",
+                f"{_score(i.previous_score)} -> {_score(i.score)}",
+                escape(_why(i)),
+            )
+        out.print(table)
+    failed = [i for i in result.items if i.status != "rescanned"]
+    if failed:
+        table = Table(title="not re-scanned", title_justify="left")
+        table.add_column("item", overflow="fold")
+        table.add_column("id")
+        table.add_column("reason")
+        table.add_column("error", overflow="fold")
+        for i in failed:
+            table.add_row(escape(i.name), i.id[:12], f"[red]{i.reason}[/]", escape(i.error or ""))
+        out.print(table)
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _why(item: Any) -> str:
+    """The signals that moved (three at most), and a changed model set or policy."""
+    parts = []
+    for c in item.signals[:3]:
+        if c.status == "appeared":
+            parts.append(f"+{c.name} {_score(c.after)}")
+        elif c.status == "disappeared":
+            parts.append(f"-{c.name} (was {_score(c.before)})")
+        else:
+            parts.append(f"{c.name} {_score(c.before)}->{_score(c.after)}")
+    if len(item.signals) > 3:
+        parts.append(f"{len(item.signals) - 3} more")
+    if item.model_set is not None and item.model_set.before != item.model_set.after:
+        parts.append("model set changed")
+    if item.policy_version is not None and item.policy_version.before != item.policy_version.after:
+        parts.append(f"policy {item.policy_version.before}->{item.policy_version.after}")
+    return "; ".join(parts) or "decided by: " + ", ".join(item.decided_by.after)
+
+
 def main() -> None:
     app()
+
+
+# `synthwatch hashes` lives in its own module, which registers itself on `app`.
+from synthwatch.pipeline import cli_hashes as _cli_hashes  # noqa: E402,F401

@@ -19,22 +19,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from synthwatch.digest import file_sha256
-from synthwatch.errors import ModelUnavailable
+from synthwatch.errors import ModelUnavailable, SynthwatchError
 from synthwatch.models.registry import DEFAULT_CALIBRATION, ModelKind, ModelStore
 from synthwatch.models.speech import SAMPLE_RATE
 from synthwatch.operators import calibrate as calibrate_op
 from synthwatch.operators import faces as faces_op
-from synthwatch.operators import fuse, phash, sandbox, score
+from synthwatch.operators import fuse, matching, phash, sandbox, score
 from synthwatch.operators.batcher import Batcher
 from synthwatch.operators.calibrate import Calibration
 from synthwatch.operators.evidence import EvidenceFrame
 from synthwatch.operators.explainer import Explainer
 from synthwatch.operators.faces import FaceFinder
 from synthwatch.operators.fetch import Fetched
+from synthwatch.operators.hashlists import ListStore
 from synthwatch.operators.infer import (
     Batch,
     OnnxNet,
@@ -42,6 +44,7 @@ from synthwatch.operators.infer import (
     resolve_backend_name,
     select_backend,
 )
+from synthwatch.operators.matching import Matcher
 from synthwatch.operators.policy import Policy
 from synthwatch.operators.redact import redact_url
 from synthwatch.operators.report import AudioTrack, ReportContext, media_facts
@@ -51,10 +54,15 @@ from synthwatch.operators.signals.interpret import forensic_signals, provenance_
 from synthwatch.pipeline import metrics
 from synthwatch.pipeline.settings import ModelSettings, Settings
 from synthwatch.schemas import (
+    MediaHash,
     MediaType,
     Provenance,
+    Rescan,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from synthwatch.pipeline.listfeed import ListFollower
 
 log = structlog.get_logger("synthwatch.engine")
 
@@ -85,6 +93,8 @@ class Item:
     path: Path
     blob: str
     mime: str = ""
+    rescan: Rescan | None = None
+    """Set when `synthwatch rescan` sent the item again: carried into the verdict."""
 
     @classmethod
     def local(cls, fetched: Fetched, *, source: str) -> Item:
@@ -217,6 +227,32 @@ class Engine:
         h.update(f"|{self.face_detector_name}|calibration={cal_sha}".encode())
         self.model_set = h.hexdigest()[:16]
         self._explainer: Explainer | None = None
+        self.matcher: Matcher | None = None
+        self._follower: ListFollower | None = None
+        try:
+            self._load_lists()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_lists(self) -> None:
+        """The lists of known media, as `matching.lists` says: the local SQLite file
+        (read once, now), the compacted Kafka topic (followed while running), or none."""
+        ms = self.settings.matching
+        if ms.lists == "off":
+            return
+        self.matcher = Matcher(ms)
+        if ms.lists == "kafka":
+            from synthwatch.pipeline.listfeed import ListFollower
+
+            self._follower = ListFollower(self.settings, self.matcher)
+            self._follower.start()
+            return
+        if ms.db.is_file():
+            with ListStore(ms.db) as store:
+                loaded = self.matcher.load(store)
+            log.info("lists of known media loaded", entries=loaded, db=str(ms.db))
+        metrics.HASHLIST_ENTRIES.labels("local").set(len(self.matcher))
 
     def _check_lists(self) -> None:
         """Every listed name must be a registered model of the list's kind: a typo
@@ -303,6 +339,9 @@ class Engine:
         return [d for d in self.detectors if d.kind == kind]
 
     def close(self) -> None:
+        follower, self._follower = getattr(self, "_follower", None), None
+        if follower is not None:
+            follower.close()
         for d in self.detectors:
             d.batcher.close()
             d.backend.close()
@@ -342,9 +381,20 @@ class Engine:
         features and audio; fuse the calibrated signals; decide."""
         sampled = self._sample(item)
         provenance, read = self._provenance(item)
+        hashes, hash_notes = self._hashes(item, sampled)
+        matches = self.matcher.match(hashes) if self.matcher is not None else []
+        match_signals, match_notes = matching.match_signals(matches)
+        known = Scored(signals=match_signals, notes=[*hash_notes, *match_notes])
         faces = self._faces(sampled)
         images = self._images(sampled)
-        steps = [read, faces, images, self._forensics(item, sampled), self._audio(sampled)]
+        steps = [
+            read,
+            known,
+            faces,
+            images,
+            self._forensics(item, sampled),
+            self._audio(sampled),
+        ]
         signals = fuse.calibrate([s for step in steps for s in step.signals], self.calibration)
         fused = fuse.combine(signals, prior=self.calibration.prior)
         decision = self.policy.decide(fused.score, minimum=fused.minimum)
@@ -383,7 +433,9 @@ class Engine:
             decided_by=fused.decided_by,
             provenance=provenance,
             detected_at=round(time.time(), 3),
-            hashes=phash.frame_hashes(sampled.frames, still=sampled.media_type == "image"),
+            hashes=hashes,
+            matches=matches,
+            rescan=item.rescan,
         )
         return Analysis(verdict=verdict, sampled=sampled)
 
@@ -392,6 +444,31 @@ class Engine:
         sampled = sandbox.sample(item.path, self.settings.sample, media_type=item.media_type)
         metrics.DECODE_SECONDS.labels(sampled.media_type).observe(time.perf_counter() - t0)
         return sampled
+
+    def _hashes(self, item: Item, sampled: Sampled) -> tuple[list[MediaHash], list[str]]:
+        """(hashes, notes): PDQ of each sampled frame, and a video's (or animation's)
+        vPDQ, a frame a second, hashed in the decoder sandbox under its own time budget.
+
+        A vPDQ that cannot be made (past `matching.vpdq_max_s`, a decoder failure) never
+        fails the item: the sampled frames' PDQ still meets the lists of stills, and the
+        note says that lists of videos were not searched."""
+        still = sampled.media_type == "image" and len(sampled.frames) == 1
+        hashes = phash.frame_hashes(sampled.frames, still=still)
+        ms = self.settings.matching
+        if not ms.vpdq or sampled.media_type != "video":
+            return hashes, []
+        budget = self.settings.sample.model_copy(update={"max_decode_s": ms.vpdq_max_s})
+        try:
+            hashes.extend(sandbox.vpdq(item.path, budget, max_hashes=ms.vpdq_max_hashes))
+        except SynthwatchError as exc:
+            log.warning("vPDQ not computed", reason=exc.reason, error=str(exc)[:200])
+            return hashes, [
+                f"vPDQ not computed ({exc}): the sampled frames were matched against "
+                "lists of stills; lists of videos were not searched"
+            ]
+        span = sampled.sampled_s or sampled.duration_s
+        note = phash.vpdq_note(span, max_hashes=ms.vpdq_max_hashes)
+        return hashes, [note] if note else []
 
     def _provenance(self, item: Item) -> tuple[Provenance | None, Scored]:
         if not self.settings.models.provenance:

@@ -6,8 +6,9 @@ clients and for faust.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +61,12 @@ async def create_topics(settings: Settings) -> dict[str, bool]:
     try:
         existing = set(await admin.list_topics())
         result: dict[str, bool] = {}
-        for name in topic_names(k):
+        for name in [*topic_names(k), k.topic_hashlists]:
             if name in existing:
                 result[name] = False
                 continue
+            # The lists topic keeps the latest record of every entry for ever.
+            configs = {"cleanup.policy": "compact"} if name == k.topic_hashlists else None
             try:
                 await admin.create_topics(
                     [
@@ -71,6 +74,7 @@ async def create_topics(settings: Settings) -> dict[str, bool]:
                             name,
                             num_partitions=k.partitions,
                             replication_factor=k.replication_factor,
+                            topic_configs=configs,
                         )
                     ]
                 )
@@ -82,15 +86,25 @@ async def create_topics(settings: Settings) -> dict[str, bool]:
         await admin.close()
 
 
-async def produce_refs(settings: Settings, refs: Sequence[MediaRef]) -> None:
-    """Send refs keyed by media id and wait until the broker has them all."""
-    k = settings.kafka
+@contextlib.asynccontextmanager
+async def started_producer(k: KafkaSettings) -> AsyncIterator[AIOKafkaProducer]:
+    """An idempotent producer that waits for every in-sync replica, started, and stopped
+    on exit; BrokerUnavailable when the broker cannot be reached."""
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **client_kwargs(k))
     try:
         await producer.start()
     except KafkaError as exc:
         raise BrokerUnavailable(f"cannot reach Kafka at {k.bootstrap_servers}: {exc}") from None
     try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+async def produce_refs(settings: Settings, refs: Sequence[MediaRef]) -> None:
+    """Send refs keyed by media id and wait until the broker has them all."""
+    k = settings.kafka
+    async with started_producer(k) as producer:
         futures = []
         for ref in refs:
             # Each reference starts its own trace; the stages continue it (tracing.py).
@@ -109,8 +123,6 @@ async def produce_refs(settings: Settings, refs: Sequence[MediaRef]) -> None:
                 )
         for fut in futures:
             await fut
-    finally:
-        await producer.stop()
 
 
 REPLAY_HEADER = "synthwatch-replayed-from"

@@ -108,6 +108,12 @@ MODEL_INFO = Gauge(
     "1 for each detector this worker loaded: name, version, weights sha256, backend.",
     ["model", "version", "sha256", "backend"],
 )
+HASHLIST_ENTRIES = Gauge(
+    "synthwatch_hashlist_entries",
+    "Entries of the lists of known media this worker matches against, by where the "
+    "lists come from (matching.lists: local or kafka).",
+    ["lists"],
+)
 BUILD_INFO = Gauge("synthwatch_build_info", "1, labelled with the synthwatch version.", ["version"])
 BUILD_INFO.labels(__version__).set(1)
 SINK_DELIVERIES = Counter(

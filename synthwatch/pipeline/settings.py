@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from synthwatch.errors import ConfigError
 from synthwatch.operators.fetch import FetchSettings
+from synthwatch.operators.matching import MatchingSettings
 from synthwatch.operators.policy import PolicySettings
 from synthwatch.operators.sample import SampleSettings
 from synthwatch.operators.signing import SigningSettings
@@ -109,6 +110,10 @@ class KafkaSettings(_Frozen):
     topic_dlq: str = "media.dlq"
     topic_retry: str = "media.retry"
     """Records whose stage failed transiently, waiting for another attempt."""
+    topic_hashlists: str = "media.hashlists"
+    """Lists of known media, compacted: one record per entry keyed `<list>/<id>`, a
+    tombstone for a removed one (`synthwatch hashes ... --cluster`). Every detect worker
+    reads it whole, outside any consumer group (`pipeline/listfeed.py`)."""
     fetch_concurrency: int = Field(default=4, ge=1)
     """Downloads in flight per worker. Fetching waits on origins and the store, not the
     CPU: one at a time, a slow origin held up every ref behind it, and a burst of large
@@ -224,6 +229,8 @@ class Settings(BaseSettings):
     sample: SampleSettings = SampleSettings()
     models: ModelSettings = ModelSettings()
     policy: PolicySettings = PolicySettings()
+    matching: MatchingSettings = MatchingSettings()
+    """Lists of known media and the thresholds of matching against them."""
     kafka: KafkaSettings = KafkaSettings()
     s3: S3Settings = S3Settings()
     signing: SigningSettings = SigningSettings()

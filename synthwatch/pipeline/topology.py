@@ -5,7 +5,9 @@
     media.fetched   FetchedMedia    --[detect]-->  media.verdicts  Verdict
                                                    (sample, faces, batched inference, fuse, policy)
     media.verdicts  Verdict         --[decide]-->  media.alerts    Alert
-                                                   (evidence bundle written to S3 first)
+                                                   (evidence bundle written to S3 first;
+                                                   a re-scan that changed the decision
+                                                   alerts whatever the new one)
     any stage       failure         ---------->    media.dlq       DeadLetter(reason, stage)
 
 Delivery is at-least-once: an agent awaits the broker's acknowledgement of its output
@@ -51,7 +53,7 @@ from synthwatch.errors import (
     is_permanent,
 )
 from synthwatch.models.registry import ModelStore
-from synthwatch.operators.alert import alert_with_evidence
+from synthwatch.operators.alert import alert_with_evidence, alerts_on
 from synthwatch.operators.backoff import backoff
 from synthwatch.operators.evidence import EvidenceFrame, model_weights
 from synthwatch.operators.explainer import Explainer, evidence_frames
@@ -298,6 +300,7 @@ class Pipeline:
             mime=got.mime,
             media_type=got.media_type,
             blob=key,
+            rescan=ref.rescan,  # a re-scan's marker rides along to the verdict
         )
         return self.fetched, ref.id.encode(), encode(out)
 
@@ -319,6 +322,7 @@ class Pipeline:
                     path=path,
                     blob=fm.blob,
                     mime=fm.mime,
+                    rescan=fm.rescan,
                 )
             )
         verdict = analysis.verdict
@@ -352,7 +356,9 @@ class Pipeline:
         # media.verdicts -> Verdict -> (alerting decision) evidence to S3 -> Alert
         verdict = decode(raw, Verdict)
         structlog.contextvars.bind_contextvars(sha256=verdict.sha256, id=verdict.id)
-        if not self.policy.alerts(verdict.decision):
+        # The policy's decisions alert; so does a re-scan that changed the decision,
+        # whatever the new one: a `pass` there withdraws the earlier finding.
+        if not alerts_on(verdict, self.policy):
             return None
 
         # The bundle's frames and the report's media facts come from one download of
@@ -385,6 +391,7 @@ class Pipeline:
         log.info(
             "alert",
             alert_id=alert.alert_id,
+            rescan=alert.rescan.run if alert.rescan is not None else None,
             evidence=bundle.manifest_key,
             evidence_created=bundle.created,
         )

@@ -21,7 +21,8 @@ whole-image model, a track no loaded model reads, a required model missing). Its
 `synthetic_score` is null: an unmeasured item must never read as a low score."""
 Modality = Literal["face", "image", "audio", "provenance", "metadata"]
 """What a signal looked at: face crops, whole images (native-resolution patches or
-forensic maps), 4 s audio windows, C2PA content credentials, generator metadata."""
+forensic maps), 4 s audio windows, the item's provenance (C2PA content credentials, or
+a match against lists of known media), generator metadata."""
 
 # The length caps are not redundant: a regex `$` also matches before a final newline.
 Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$", max_length=64)]
@@ -36,6 +37,20 @@ class _Record(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     """Base of every wire record: frozen, keyword-only, tagged in the `type` field."""
 
 
+class Rescan(msgspec.Struct, frozen=True, kw_only=True):
+    """The marker of a re-scan (`synthwatch rescan`): what the item's earlier verdict
+    said, carried from `media.refs` to the verdict, so the decide stage can tell a
+    verdict that flipped and emit its alert again with the new decision."""
+
+    run: str
+    """The re-scan run this request belongs to."""
+    previous_decision: Decision
+    previous_score: float | None = None
+    previous_model_set: str = ""
+    previous_policy_version: str = ""
+    previous_detected_at: float = 0.0
+
+
 class MediaRef(_Record, tag="media_ref.v1", frozen=True, kw_only=True):
     """A request to scan one item. Keyed on the topic by `id`."""
 
@@ -44,6 +59,8 @@ class MediaRef(_Record, tag="media_ref.v1", frozen=True, kw_only=True):
     source: str = ""
     submitted_at: float = 0.0
     attempt: int = 0
+    rescan: Rescan | None = None
+    """Set when `synthwatch rescan` sent the item again; None for a first scan."""
 
 
 class FetchedMedia(_Record, tag="fetched_media.v1", frozen=True, kw_only=True):
@@ -61,6 +78,8 @@ class FetchedMedia(_Record, tag="fetched_media.v1", frozen=True, kw_only=True):
     """Where the bytes are: an object key in the blob bucket, or a local path in embedded mode.
     Not constrained here (a local path may be anything); the store refuses, before any
     I/O, every key it would not have built itself (`store.check_key`)."""
+    rescan: Rescan | None = None
+    """Carried from the MediaRef."""
 
 
 class FaceBox(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,16 +142,53 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     """The time segments that drove this signal's aggregated score."""
 
 
-class MediaHash(msgspec.Struct, frozen=True, kw_only=True):
-    """A perceptual hash of a still or of one sampled video frame (`operators/phash.py`)."""
+HashAlgorithm = Literal["pdq", "vpdq"]
+"""`pdq`: Meta's PDQ of a still or of one sampled frame. `vpdq`: one frame of a video's
+vPDQ, the PDQ of the frame shown at each whole second (`operators/phash.py`)."""
 
-    algorithm: Literal["pdq"]
-    hash: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$", max_length=64)]
-    """64 lowercase hex digits, the first bit most significant (ThreatExchange's form)."""
+PdqHex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$", max_length=64)]
+"""A PDQ hash: 64 lowercase hex digits, the first bit most significant (ThreatExchange's
+form)."""
+
+
+class MediaHash(msgspec.Struct, frozen=True, kw_only=True):
+    """A perceptual hash of a still, of one sampled video frame (`pdq`), or of one
+    frame of a video's vPDQ (`vpdq`, a frame a second) (`operators/phash.py`)."""
+
+    algorithm: HashAlgorithm
+    hash: PdqHex
     quality: int
     """0-100: under 50 the image has too little structure to match on."""
     time_s: float | None = None
     """The frame's time in a video; None for a still."""
+
+
+class HashMatch(msgspec.Struct, frozen=True, kw_only=True):
+    """The item matched an entry of a list of known media (`operators/matching.py`)."""
+
+    list: str
+    """The list's name, e.g. `afp-debunked`."""
+    entry: str
+    """The entry's id in its list (the exchange's id when imported from one)."""
+    label: Literal["fake", "authentic"]
+    """What the list says the entry is: a known fake, or a known authentic original."""
+    algorithm: HashAlgorithm
+    """How the entry is hashed: `pdq` (an image, or one frame) or `vpdq` (a video)."""
+    distance: int
+    """Bits (of 256) between the entry's hash and the nearest hash of the item; for a
+    vPDQ entry, the largest such distance over the matched frames."""
+    threshold: int
+    """The most differing bits a match allows for this algorithm."""
+    reference: str = ""
+    """Where the entry's finding is told: a fact-check URL, a case id."""
+    source: str = ""
+    """Who listed the entry: the exchange, partner or desk it came from."""
+    time_s: float | None = None
+    """Where in the scanned video the nearest matching frame is (None for a still)."""
+    entry_match_percent: float | None = None
+    """vPDQ: the share of the entry's distinct frames found in the item."""
+    item_match_percent: float | None = None
+    """vPDQ: the share of the item's distinct frames found in the entry."""
 
 
 class Provenance(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,8 +245,12 @@ class Verdict(_Record, tag="verdict.v2", frozen=True, kw_only=True):
     detected_at: float = 0.0
     """Unix time the verdict was made (0.0 from a producer that predates the field)."""
     hashes: list[MediaHash] = []
-    """PDQ hashes of the still or of each sampled video frame; empty for audio, and from
-    a producer that predates the field."""
+    """PDQ hashes of the still or of each sampled video frame, and a video's vPDQ
+    frames; empty for audio, and from a producer that predates the field."""
+    matches: list[HashMatch] = []
+    """Entries of the loaded lists of known media that this item matched."""
+    rescan: Rescan | None = None
+    """Carried from the MediaRef: set when this verdict comes from a re-scan."""
 
 
 class Alert(_Record, tag="alert.v2", frozen=True, kw_only=True):
@@ -222,6 +282,13 @@ class Alert(_Record, tag="alert.v2", frozen=True, kw_only=True):
     """Unix time the verdict was made: the finding's time in SIEM formats."""
     decided_by: list[str] = []
     """Names of the signals that set the synthetic score (or decided the verdict)."""
+    rescan: Rescan | None = None
+    """Set when a re-scan changed the item's decision: what it was before. Such an
+    alert is emitted whatever the new decision, so a `pass` here withdraws an earlier
+    finding."""
+    matches: list[HashMatch] = []
+    """The verdict's matches with lists of known media: the entry and its reference
+    (a fact-check URL, a case id) an analyst follows up."""
 
 
 class DeadLetter(_Record, tag="dead_letter.v1", frozen=True, kw_only=True):

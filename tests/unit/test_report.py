@@ -394,3 +394,37 @@ def test_the_bundle_holds_a_report_page_made_from_its_report_json(tmp_path: Path
     assert all(link.startswith(("data:", "#")) for link in page.links)
     frame_images = [src for src in page.images.get("evidence", []) if "jpeg" in src]
     assert len(frame_images) == len(doc["evidence_frames"]) == 3
+
+
+def test_a_known_fake_says_what_matched_and_what_a_match_means() -> None:
+    from msgspec.structs import replace
+
+    from synthwatch.operators.matching import match_signals
+    from synthwatch.schemas import HashMatch
+
+    match = HashMatch(
+        list="afp",
+        entry="case-2291",
+        label="fake",
+        algorithm="vpdq",
+        distance=18,
+        threshold=31,
+        reference="https://factcheck.example/case-2291",
+        source="AFP Fact Check",
+        time_s=2.0,
+        entry_match_percent=90.0,
+        item_match_percent=45.0,
+    )
+    signals, _ = match_signals([match])
+    v = replace(
+        make_verdict(decision="flag"),
+        signals=[*signals, *make_verdict().signals],
+        matches=[match],
+        decided_by=["match"],
+    )
+    page = parse(render_html(doc_for(v), images_for(v)))
+    assert "Flagged: this item matches an entry of a list of known fakes" in page.text
+    assert "entry 'case-2291' of list 'afp', listed by AFP Fact Check" in page.text
+    assert "90% of its frames found in this video" in page.text
+    assert "https://factcheck.example/case-2291" in page.text
+    assert "This is a statistical finding" not in page.text

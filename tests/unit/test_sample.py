@@ -301,6 +301,18 @@ def test_an_animation_is_sampled_like_a_video(media_dir: Path, fmt: Literal["GIF
     assert redrawn[0].time_s == 0.7
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_an_animation_lasts_as_long_as_its_frames_say(
+    media_dir: Path, fmt: Literal["GIF", "WEBP"]
+) -> None:
+    """40 ms frames, not the 100 ms default: Pillow gives a WebP frame's duration only
+    once the frame is decoded, and a timeline read without decoding was 2.5x too long."""
+    path = mf.make_animated(media_dir / f"fast.{fmt.lower()}", fmt=fmt, frames=25, frame_ms=40)
+    result = sample(path, SampleSettings(frames=2))
+    assert result.duration_s == pytest.approx(1.0)
+    assert [f.time_s for f in result.frames] == [0.24, 0.72]
+
+
 def test_an_animation_over_max_image_frames_is_sampled_within_its_first_frames(
     media_dir: Path,
 ) -> None:

@@ -224,12 +224,46 @@ def _animation_timeline(
     for i in range(min(_frame_count(image, settings), settings.max_image_frames)):
         deadline.check()
         _seek(image, i, settings)
+        if image.info.get("duration") is None:
+            # Pillow's WebP reads a frame's duration only when it decodes the frame:
+            # without this every WebP frame lasted the 100 ms default, and a 2.6 s
+            # animation read as 6.6 s.
+            image.load()
         duration_ms = round(float(image.info.get("duration") or 0))
         timeline.starts_s.append(elapsed_ms / 1000)
         # Browsers show frames of 10 ms or less for 100 ms; so do we.
         elapsed_ms += duration_ms if duration_ms > 10 else 100
     timeline.duration_s = elapsed_ms / 1000
     return timeline
+
+
+def animation_timeline(
+    image: Image.Image, settings: SampleSettings, deadline: Deadline
+) -> _Animation:
+    """Start time of each of the first `max_image_frames` frames, and their total
+    duration: what a caller choosing its own times (vPDQ's one frame a second) needs
+    before asking `iter_animation_frames` for them. Raises Pillow's errors; call it
+    inside `image_errors`."""
+    return _animation_timeline(image, settings, deadline)
+
+
+def iter_animation_frames(
+    image: Image.Image,
+    timeline: _Animation,
+    times_s: list[float],
+    settings: SampleSettings,
+    deadline: Deadline,
+) -> Iterator[Frame]:
+    """The distinct frames shown at `times_s`, in time order, decoded one at a time.
+
+    Unlike `image_frames_at`, which keeps every frame to answer the times in the order
+    asked, nothing is kept here: a caller that reduces each frame to something small (a
+    hash) holds one image at a time, however many times it asks for. Raises Pillow's
+    errors; iterate it inside `image_errors`."""
+    for i, n in enumerate(sorted({_animation_frame(timeline, t) for t in times_s})):
+        deadline.check()
+        _seek(image, n, settings)
+        yield Frame(i, timeline.starts_s[n], _image_array(image, 1))
 
 
 def sample_image(
