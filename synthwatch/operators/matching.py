@@ -22,6 +22,8 @@ not published on false matches, and our own measurement, is in docs/MATCHING.md)
 
 Stills are matched by their PDQ; a video's vPDQ frames and its sampled frames are
 matched against PDQ entries too (a known fake still shown in a video is found). The
+sampled frames' seven turned and flipped PDQs (`phash.Variant`) are matched against PDQ
+entries as well, so a mirrored re-upload is found and the match says `mirrored`. The
 index behind it (`operators/hashindex.py`, multi-index hashing) answers in well under a
 millisecond a frame at a million entries (benchmarks/bench_match.py).
 """
@@ -40,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synthwatch.operators.hashindex import HammingIndex, pack_hex
 from synthwatch.operators.hashlists import MAX_FRAMES, Entry, ListStore
+from synthwatch.operators.phash import Variant
 from synthwatch.schemas import HashMatch, MediaHash, Signal
 
 MATCH_MODEL = "hashlists"
@@ -97,6 +100,7 @@ class _Slot:
 class _Hit:
     distance: int
     time_s: float | None
+    transform: str = ""
 
 
 @dataclass
@@ -174,16 +178,25 @@ class Matcher:
             self._index.remove(ids)
         return len(keys)
 
-    def match(self, hashes: Sequence[MediaHash]) -> list[HashMatch]:
+    def match(
+        self, hashes: Sequence[MediaHash], variants: Sequence[Variant] = ()
+    ) -> list[HashMatch]:
         """The entries `hashes` (an item's PDQ and vPDQ frames) match: known fakes first,
-        then nearest first."""
+        then nearest first. `variants`, the sampled frames turned and flipped, find PDQ
+        entries of a mirrored or rotated copy; a match through them says how."""
         s = self.settings
         usable = [h for h in hashes if h.quality >= s.min_quality]
-        if not usable or not self._slots:
+        turned = [v for v in variants if v.quality >= s.min_quality]
+        if not (usable or turned) or not self._slots:
             return []
         first_time: dict[str, float | None] = {}
         for h in sorted(usable, key=lambda h: (h.time_s is None, h.time_s or 0.0)):
             first_time.setdefault(h.hash, h.time_s)
+        transform: dict[str, str] = {}
+        for v in turned:
+            if v.hash not in first_time:
+                first_time[v.hash] = v.time_s
+                transform[v.hash] = v.transform
         video_frames = {h.hash for h in usable if h.algorithm == "vpdq"}
         queries = list(first_time)
         radius = max(s.pdq_distance, s.vpdq_distance)
@@ -201,14 +214,20 @@ class Matcher:
                     if frame.quality is not None and frame.quality < s.min_quality:
                         continue
                     if slot.entry.algorithm == "pdq":
+                        # The nearest hash wins, an unturned one over any turned one.
+                        how = transform.get(query, "")
+                        best = stills.get(number)
                         if dist <= s.pdq_distance and (
-                            number not in stills or dist < stills[number].distance
+                            best is None
+                            or (how != "", dist) < (best.transform != "", best.distance)
                         ):
-                            stills[number] = _Hit(dist, first_time[query])
+                            stills[number] = _Hit(dist, first_time[query], how)
                     elif query in video_frames and dist <= s.vpdq_distance:
                         hit = videos.setdefault(number, _VideoHit())
-                        best = hit.entry_frames.get(frame.hash)
-                        hit.entry_frames[frame.hash] = dist if best is None else min(best, dist)
+                        nearest = hit.entry_frames.get(frame.hash)
+                        hit.entry_frames[frame.hash] = (
+                            dist if nearest is None else min(nearest, dist)
+                        )
                         hit.item_frames.add(query)
                         t = first_time[query]
                         if t is not None and (hit.first_time is None or t < hit.first_time):
@@ -232,6 +251,7 @@ class Matcher:
             reference=e.reference,
             source=e.source,
             time_s=hit.time_s,
+            transform=hit.transform,
         )
 
     def _video(self, slot: _Slot, hit: _VideoHit, item_distinct: int) -> HashMatch | None:
@@ -266,6 +286,8 @@ def describe(m: HashMatch) -> str:
             f"each at most {m.distance} bits apart (threshold {m.threshold})"
         )
     where = f" at {m.time_s:.1f} s" if m.time_s is not None else ""
+    if m.transform:
+        where += f", {m.transform}"
     ref = f"; reference: {m.reference}" if m.reference else ""
     source = f", listed by {m.source}" if m.source else ""
     return f"matches {what}{where}: entry {m.entry!r} of list {m.list!r}{source}, {how}{ref}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,14 @@ def pdq(image: npt.NDArray[np.uint8]) -> tuple[str, int]:
     import pdqhash  # a compiled extension: loaded on the first item, not at import
 
     bits, quality = pdqhash.compute(np.ascontiguousarray(image))
+    return _hex(bits), int(quality)
+
+
+def _hex(bits: npt.ArrayLike) -> str:
     # ThreatExchange's own pdq_from_file joins the 256 bits in order into one binary
     # number and writes it as 64 lowercase hex digits: the first bit is the most
     # significant, which is what packbits does, eight bits to a byte.
-    return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex(), int(quality)
+    return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex()
 
 
 def distance(a: str, b: str) -> int:
@@ -87,18 +92,56 @@ def distance(a: str, b: str) -> int:
 
 def frame_hashes(frames: Sequence[Frame], *, still: bool) -> list[MediaHash]:
     """PDQ of each sampled frame; a still's one hash carries no time."""
-    out = []
+    return hash_frames(frames, still=still)[0]
+
+
+DIHEDRAL = (
+    "",
+    "rotated a quarter turn",
+    "turned upside down",
+    "rotated a quarter turn",
+    "flipped upside down",
+    "mirrored",
+    "rotated and flipped",
+    "rotated and flipped",
+)
+"""How the picture of each of `pdqhash.compute_dihedral`'s eight hashes differs from the
+image hashed: its order is the original, rotated 90, 180 and 270 degrees, flipped
+vertically, flipped horizontally, and rotated 90 degrees then flipped each way. Which
+quarter turn is not told apart: a copy rotated one way matches the other's hash."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The PDQ of a sampled frame turned or flipped, for matching only (never stored):
+    mirroring a re-upload is the cheapest way past a hash list, and PDQ, computed on
+    the picture's 2-D cosine transform, gets all eight turns and flips of a frame for
+    the price of one (ThreatExchange's "dihedral" hashes)."""
+
+    hash: str
+    quality: int
+    time_s: float | None
+    transform: str
+
+
+def hash_frames(frames: Sequence[Frame], *, still: bool) -> tuple[list[MediaHash], list[Variant]]:
+    """(PDQ of each sampled frame, the seven turned and flipped PDQs of each)."""
+    import pdqhash
+
+    hashes: list[MediaHash] = []
+    variants: list[Variant] = []
     for frame in frames:
-        digest, quality = pdq(frame.image)
-        out.append(
-            MediaHash(
-                algorithm="pdq",
-                hash=digest,
-                quality=quality,
-                time_s=None if still else round(frame.time_s, 3),
-            )
+        vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(frame.image))
+        digests = [_hex(v) for v in vectors]
+        time_s = None if still else round(frame.time_s, 3)
+        hashes.append(
+            MediaHash(algorithm="pdq", hash=digests[0], quality=int(quality), time_s=time_s)
         )
-    return out
+        variants.extend(
+            Variant(digest, int(quality), time_s, how)
+            for digest, how in zip(digests[1:], DIHEDRAL[1:], strict=True)
+        )
+    return hashes, variants
 
 
 def vpdq_times(

@@ -381,8 +381,8 @@ class Engine:
         features and audio; fuse the calibrated signals; decide."""
         sampled = self._sample(item)
         provenance, read = self._provenance(item)
-        hashes, hash_notes = self._hashes(item, sampled)
-        matches = self.matcher.match(hashes) if self.matcher is not None else []
+        hashes, variants, hash_notes = self._hashes(item, sampled)
+        matches = self.matcher.match(hashes, variants) if self.matcher is not None else []
         match_signals, match_notes = matching.match_signals(matches)
         known = Scored(signals=match_signals, notes=[*hash_notes, *match_notes])
         faces = self._faces(sampled)
@@ -445,30 +445,36 @@ class Engine:
         metrics.DECODE_SECONDS.labels(sampled.media_type).observe(time.perf_counter() - t0)
         return sampled
 
-    def _hashes(self, item: Item, sampled: Sampled) -> tuple[list[MediaHash], list[str]]:
-        """(hashes, notes): PDQ of each sampled frame, and a video's (or animation's)
-        vPDQ, a frame a second, hashed in the decoder sandbox under its own time budget.
+    def _hashes(
+        self, item: Item, sampled: Sampled
+    ) -> tuple[list[MediaHash], list[phash.Variant], list[str]]:
+        """(hashes, variants, notes): PDQ of each sampled frame (and, for matching only,
+        of the frame turned and flipped), and a video's (or animation's) vPDQ, a frame a
+        second, hashed in the decoder sandbox under its own time budget.
 
         A vPDQ that cannot be made (past `matching.vpdq_max_s`, a decoder failure) never
         fails the item: the sampled frames' PDQ still meets the lists of stills, and the
         note says that lists of videos were not searched."""
-        still = sampled.media_type == "image" and len(sampled.frames) == 1
-        hashes = phash.frame_hashes(sampled.frames, still=still)
+        hashes, variants = phash.hash_frames(sampled.frames, still=sampled.media_type == "image")
         ms = self.settings.matching
         if not ms.vpdq or sampled.media_type != "video":
-            return hashes, []
+            return hashes, variants, []
         budget = self.settings.sample.model_copy(update={"max_decode_s": ms.vpdq_max_s})
         try:
             hashes.extend(sandbox.vpdq(item.path, budget, max_hashes=ms.vpdq_max_hashes))
         except SynthwatchError as exc:
             log.warning("vPDQ not computed", reason=exc.reason, error=str(exc)[:200])
-            return hashes, [
-                f"vPDQ not computed ({exc}): the sampled frames were matched against "
-                "lists of stills; lists of videos were not searched"
-            ]
+            return (
+                hashes,
+                variants,
+                [
+                    f"vPDQ not computed ({exc}): the sampled frames were matched against "
+                    "lists of stills; lists of videos were not searched"
+                ],
+            )
         span = sampled.sampled_s or sampled.duration_s
         note = phash.vpdq_note(span, max_hashes=ms.vpdq_max_hashes)
-        return hashes, [note] if note else []
+        return hashes, variants, [note] if note else []
 
     def _provenance(self, item: Item) -> tuple[Provenance | None, Scored]:
         if not self.settings.models.provenance:

@@ -189,6 +189,9 @@ class HashMatch(msgspec.Struct, frozen=True, kw_only=True):
     """vPDQ: the share of the entry's distinct frames found in the item."""
     item_match_percent: float | None = None
     """vPDQ: the share of the item's distinct frames found in the entry."""
+    transform: str = ""
+    """Set when the item matched only turned or flipped (`mirrored`, `turned upside
+    down`, ...): how the item differs from the listed picture. PDQ entries only."""
 
 
 class Provenance(msgspec.Struct, frozen=True, kw_only=True):

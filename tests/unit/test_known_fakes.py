@@ -1,10 +1,12 @@
 """The issue's check: a list built from the dev fakes catches their re-uploads.
 
 Each dev fake is listed with `synthwatch hashes add` (PDQ for a still, vPDQ for an
-animation). Then every fake is re-uploaded the way fakes travel: cut 1% off each side,
-shrunk to half size and re-encoded (JPEG at quality 70; animations as H.264 MP4). Every
-copy must be flagged by the `match` signal alone, naming its entry; the dev set's real
-stills and clips, never listed, must match nothing.
+animation). Then every fake is re-uploaded the ways fakes travel, each copy re-encoded
+(JPEG at quality 70; animations as H.264 MP4): at full size, at half size, with 1% cut
+off each side, and (stills) mirrored. Every copy must be flagged by the `match` signal
+alone, naming its entry, but for one measured miss (`KNOWN_MISSES`); the dev set's real
+stills and a real clip, never listed, must match nothing; and the fake's real source
+clip shows what a hash cannot tell apart.
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ def test_reuploaded_dev_fakes_are_flagged_by_the_match_alone(
             else:
                 copy = reupload_still(fake, tmp_path / f"copy{n}_{k}.jpg", crop, scale)
             copies[copy] = (fake, how)
+        if fake in stills:  # a mirrored copy: matched through PDQ's flipped hashes
+            mirrored = tmp_path / f"copy{n}_mirrored.jpg"
+            Image.open(fake).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(
+                mirrored, format="JPEG", quality=70
+            )
+            copies[mirrored] = (fake, "mirrored")
     settings = api_settings(tmp_path).model_copy(update={"matching": MatchingSettings(db=db)})
     results = scan_all(settings, [str(p) for p in copies], workers=2)
     missed = set()
@@ -132,6 +140,7 @@ def test_reuploaded_dev_fakes_are_flagged_by_the_match_alone(
         assert top.reference == REFERENCE + original.name and top.source == "test desk"
         assert top.distance <= top.threshold
         assert top.algorithm == ("vpdq" if original in animations else "pdq")
+        assert top.transform == ("mirrored" if how == "mirrored" else ""), (original.name, how)
     assert missed == KNOWN_MISSES
 
     # Unrelated media, never listed: the dev set's real stills and a real clip.

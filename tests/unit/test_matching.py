@@ -6,6 +6,7 @@ import io
 import json
 import random
 
+import numpy as np
 import pytest
 
 from synthwatch.errors import InvalidInput
@@ -303,3 +304,24 @@ def test_the_alert_and_its_siem_finding_name_the_matched_entry() -> None:
     (found,) = ocsf_finding(alert)["unmapped"]["matches"]
     assert found["entry"] == "case-2291" and found["reference"].endswith("case-2291")
     assert ocsf_finding(alert)["unmapped"]["decided_by"] == ["match"]
+
+
+def test_a_mirrored_copy_matches_through_its_flipped_hash_and_says_so() -> None:
+    from synthwatch.operators import phash
+    from synthwatch.operators.sample import Frame
+
+    skdata = pytest.importorskip("skimage.data")
+    photo = skdata.astronaut()
+    listed, _ = phash.pdq(photo)
+    m = Matcher(MatchingSettings())
+    m.put(pdq_entry(listed))
+    mirrored = [Frame(index=0, time_s=0.0, image=np.ascontiguousarray(photo[:, ::-1]))]
+    hashes, variants = phash.hash_frames(mirrored, still=True)
+    assert m.match(hashes) == []  # the plain hash is far: mirroring defeats it
+    (found,) = m.match(hashes, variants)
+    assert found.transform == "mirrored" and found.distance <= 31
+    assert "mirrored" in matching.describe(found)
+    # The unturned original matches as itself, not through a variant.
+    hashes, variants = phash.hash_frames([Frame(0, 0.0, photo)], still=True)
+    (same,) = m.match(hashes, variants)
+    assert (same.transform, same.distance) == ("", 0)
