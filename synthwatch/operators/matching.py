@@ -22,8 +22,9 @@ not published on false matches, and our own measurement, is in docs/MATCHING.md)
 
 Stills are matched by their PDQ; a video's vPDQ frames and its sampled frames are
 matched against PDQ entries too (a known fake still shown in a video is found). The
-sampled frames' seven turned and flipped PDQs (`phash.Variant`) are matched against PDQ
-entries as well, so a mirrored re-upload is found and the match says `mirrored`. The
+seven turned and flipped PDQs of every sampled and vPDQ frame (`phash.Variant`) are
+matched as well, a video one turn at a time, so a mirrored re-upload is found and the
+match says `mirrored`. The
 index behind it (`operators/hashindex.py`, multi-index hashing) answers in well under a
 millisecond a frame at a million entries (benchmarks/bench_match.py).
 """
@@ -182,8 +183,9 @@ class Matcher:
         self, hashes: Sequence[MediaHash], variants: Sequence[Variant] = ()
     ) -> list[HashMatch]:
         """The entries `hashes` (an item's PDQ and vPDQ frames) match: known fakes first,
-        then nearest first. `variants`, the sampled frames turned and flipped, find PDQ
-        entries of a mirrored or rotated copy; a match through them says how."""
+        then nearest first. `variants`, the frames turned and flipped, find entries of a
+        mirrored or rotated copy; a match through them says how. A vPDQ entry is matched
+        by one turn at a time (a mirrored video has every frame mirrored)."""
         s = self.settings
         usable = [h for h in hashes if h.quality >= s.min_quality]
         turned = [v for v in variants if v.quality >= s.min_quality]
@@ -192,18 +194,25 @@ class Matcher:
         first_time: dict[str, float | None] = {}
         for h in sorted(usable, key=lambda h: (h.time_s is None, h.time_s or 0.0)):
             first_time.setdefault(h.hash, h.time_s)
+        video_frames = {h.hash for h in usable if h.algorithm == "vpdq"}
         transform: dict[str, str] = {}
+        video_turns: dict[str, str] = {}
+        """A vPDQ frame's turned hash -> how it is turned."""
         for v in turned:
             if v.hash not in first_time:
                 first_time[v.hash] = v.time_s
                 transform[v.hash] = v.transform
-        video_frames = {h.hash for h in usable if h.algorithm == "vpdq"}
+            # A sampled frame and a vPDQ frame may be the same picture, with the same
+            # turned hashes: the vPDQ frame's still counts for vPDQ entries.
+            if v.algorithm == "vpdq" and v.hash not in video_frames:
+                video_turns.setdefault(v.hash, v.transform)
         queries = list(first_time)
         radius = max(s.pdq_distance, s.vpdq_distance)
         with self._lock:
             found = self._index.search(pack_hex(queries), radius)
             stills: dict[int, _Hit] = {}
-            videos: dict[int, _VideoHit] = {}
+            videos: dict[tuple[int, str], _VideoHit] = {}
+            """(entry, how the item's frames are turned: "" for not) -> its frames' hits."""
             for query, results in zip(queries, found, strict=True):
                 for index_id, dist in results:
                     number, frame_no = divmod(index_id, MAX_FRAMES + 1)
@@ -222,8 +231,10 @@ class Matcher:
                             or (how != "", dist) < (best.transform != "", best.distance)
                         ):
                             stills[number] = _Hit(dist, first_time[query], how)
-                    elif query in video_frames and dist <= s.vpdq_distance:
-                        hit = videos.setdefault(number, _VideoHit())
+                    elif (query in video_frames or query in video_turns) and (
+                        dist <= s.vpdq_distance
+                    ):
+                        hit = videos.setdefault((number, video_turns.get(query, "")), _VideoHit())
                         nearest = hit.entry_frames.get(frame.hash)
                         hit.entry_frames[frame.hash] = (
                             dist if nearest is None else min(nearest, dist)
@@ -233,10 +244,20 @@ class Matcher:
                         if t is not None and (hit.first_time is None or t < hit.first_time):
                             hit.first_time = t
             matches = [self._still(self._slots[n], hit) for n, hit in stills.items()]
-            for number, vhit in videos.items():
-                m = self._video(self._slots[number], vhit, len(video_frames))
-                if m is not None:
-                    matches.append(m)
+            # Per vPDQ entry, its plain match if any, else the turn that matched most.
+            found_videos: dict[int, HashMatch] = {}
+            for (number, how), vhit in sorted(videos.items(), key=lambda kv: kv[0][1] != ""):
+                m = self._video(self._slots[number], vhit, len(video_frames), how)
+                held = found_videos.get(number)
+                if m is not None and (
+                    held is None
+                    or (
+                        held.transform
+                        and (m.entry_match_percent or 0) > (held.entry_match_percent or 0)
+                    )
+                ):
+                    found_videos[number] = m
+            matches.extend(found_videos.values())
         return sorted(matches, key=lambda m: (m.label != "fake", m.distance, m.list, m.entry))
 
     def _still(self, slot: _Slot, hit: _Hit) -> HashMatch:
@@ -254,7 +275,9 @@ class Matcher:
             transform=hit.transform,
         )
 
-    def _video(self, slot: _Slot, hit: _VideoHit, item_distinct: int) -> HashMatch | None:
+    def _video(
+        self, slot: _Slot, hit: _VideoHit, item_distinct: int, transform: str
+    ) -> HashMatch | None:
         s = self.settings
         entry_pct = 100.0 * len(hit.entry_frames) / max(1, slot.distinct)
         item_pct = 100.0 * len(hit.item_frames) / max(1, item_distinct)
@@ -273,6 +296,7 @@ class Matcher:
             time_s=hit.first_time,
             entry_match_percent=round(entry_pct, 1),
             item_match_percent=round(item_pct, 1),
+            transform=transform,
         )
 
 

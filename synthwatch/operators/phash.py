@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -46,7 +46,7 @@ from synthwatch.operators.sample.common import (
     read_head,
 )
 from synthwatch.operators.sniff import sniff
-from synthwatch.schemas import MediaHash
+from synthwatch.schemas import HashAlgorithm, MediaHash
 
 MATCH_DISTANCE = 31
 """PDQ: hashes within this many differing bits (of 256) are taken as the same image."""
@@ -111,9 +111,8 @@ vertically, flipped horizontally, and rotated 90 degrees then flipped each way. 
 quarter turn is not told apart: a copy rotated one way matches the other's hash."""
 
 
-@dataclass(frozen=True)
-class Variant:
-    """The PDQ of a sampled frame turned or flipped, for matching only (never stored):
+class Variant(msgspec.Struct, frozen=True):
+    """The PDQ of a frame turned or flipped, for matching only (never stored):
     mirroring a re-upload is the cheapest way past a hash list, and PDQ, computed on
     the picture's 2-D cosine transform, gets all eight turns and flips of a frame for
     the price of one (ThreatExchange's "dihedral" hashes)."""
@@ -122,26 +121,39 @@ class Variant:
     quality: int
     time_s: float | None
     transform: str
+    algorithm: HashAlgorithm = "pdq"
+    """Whose turn it is: a sampled frame's (`pdq`) or a vPDQ frame's (`vpdq`)."""
+
+
+class Vpdq(msgspec.Struct, frozen=True):
+    """A video's vPDQ and, for matching only, each frame's seven turns and flips."""
+
+    hashes: list[MediaHash]
+    variants: list[Variant]
 
 
 def hash_frames(frames: Sequence[Frame], *, still: bool) -> tuple[list[MediaHash], list[Variant]]:
     """(PDQ of each sampled frame, the seven turned and flipped PDQs of each)."""
-    import pdqhash
-
     hashes: list[MediaHash] = []
     variants: list[Variant] = []
     for frame in frames:
-        vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(frame.image))
-        digests = [_hex(v) for v in vectors]
+        digests, quality = pdq_dihedral(frame.image)
         time_s = None if still else round(frame.time_s, 3)
-        hashes.append(
-            MediaHash(algorithm="pdq", hash=digests[0], quality=int(quality), time_s=time_s)
-        )
+        hashes.append(MediaHash(algorithm="pdq", hash=digests[0], quality=quality, time_s=time_s))
         variants.extend(
-            Variant(digest, int(quality), time_s, how)
+            Variant(digest, quality, time_s, how)
             for digest, how in zip(digests[1:], DIHEDRAL[1:], strict=True)
         )
     return hashes, variants
+
+
+def pdq_dihedral(image: npt.NDArray[np.uint8]) -> tuple[list[str], int]:
+    """(the eight hex PDQs of `image` in `DIHEDRAL` order, the first its plain PDQ;
+    quality)."""
+    import pdqhash
+
+    vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(image))
+    return [_hex(v) for v in vectors], int(quality)
 
 
 def vpdq_times(
@@ -191,6 +203,20 @@ def vpdq_file(
     seconds_per_hash: float = VPDQ_SECONDS_PER_HASH,
     max_hashes: int = VPDQ_MAX_HASHES,
 ) -> list[MediaHash]:
+    """vPDQ of a video or animation (`vpdq_turned_file` without the turns)."""
+    return vpdq_turned_file(
+        path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes, turns=False
+    ).hashes
+
+
+def vpdq_turned_file(
+    path: Path,
+    settings: SampleSettings,
+    *,
+    seconds_per_hash: float = VPDQ_SECONDS_PER_HASH,
+    max_hashes: int = VPDQ_MAX_HASHES,
+    turns: bool = True,
+) -> Vpdq:
     """vPDQ of a video or animation: the PDQ of the frame shown at each `vpdq_times`
     time, one MediaHash (algorithm "vpdq") per distinct frame, in time order; `time_s` is
     the decoded frame's presentation time (as `frames_at` and the `pdq` records give it).
@@ -216,18 +242,18 @@ def vpdq_file(
         with images.open_image(path, head, settings) as image:
             info = images.image_info(image, settings)
             if info.media_type != "video":  # a still
-                return []
+                return Vpdq(hashes=[], variants=[])
             with images.image_errors(settings):
                 timeline = images.animation_timeline(image, settings, deadline)
                 times = vpdq_times(
                     timeline.duration_s, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes
                 )
                 frames = images.iter_animation_frames(image, timeline, times, settings, deadline)
-                return _hash_frames(((f.time_s, f.image) for f in frames), deadline)
+                return _hash_frames(((f.time_s, f.image) for f in frames), deadline, turns)
     with video.open_av(path, settings) as container, video.av_errors():
         info = video.av_info(container, settings)
         if info.media_type != "video":  # audio only
-            return []
+            return Vpdq(hashes=[], variants=[])
         stream = video.video_stream(container)
         index = video.index_packets(container, stream, settings, deadline)
         start = index.seconds(index.pts[0])
@@ -237,23 +263,30 @@ def vpdq_file(
         picks = sorted({index.pts_at(index.to_pts(start + t)) for t in times})
         decoder = video.Decoder(container, stream, index, settings, deadline)
         decoder.wanted(picks)
-        return _hash_frames((decoder.exact(pts) for pts in picks), deadline)
+        return _hash_frames((decoder.exact(pts) for pts in picks), deadline, turns)
 
 
 def _hash_frames(
-    frames: Iterable[tuple[float, npt.NDArray[np.uint8]]], deadline: Deadline
-) -> list[MediaHash]:
-    """Hash each (time, image) as the generator decodes it, keeping only the hash: the
-    image is freed when the next one is drawn."""
+    frames: Iterable[tuple[float, npt.NDArray[np.uint8]]], deadline: Deadline, turns: bool
+) -> Vpdq:
+    """Hash each (time, image) as the generator decodes it, keeping only the hashes (and
+    with `turns` the seven turned and flipped ones, at no extra cost): the image is
+    freed when the next one is drawn."""
     out: list[MediaHash] = []
+    variants: list[Variant] = []
     for time_s, image in frames:
         at = round(time_s, 3)
         if out and out[-1].time_s == at:  # a seek that landed on the same frame again
             continue
-        digest, quality = pdq(image)
-        out.append(MediaHash(algorithm="vpdq", hash=digest, quality=quality, time_s=at))
+        digests, quality = pdq_dihedral(image)
+        out.append(MediaHash(algorithm="vpdq", hash=digests[0], quality=quality, time_s=at))
+        if turns:
+            variants.extend(
+                Variant(digest, quality, at, how, "vpdq")
+                for digest, how in zip(digests[1:], DIHEDRAL[1:], strict=True)
+            )
         deadline.check()  # hashing a 1080p frame takes about 30 ms of the budget too
-    return out
+    return Vpdq(hashes=out, variants=variants)
 
 
 def _grid_count(span_s: float, seconds_per_hash: float) -> int:

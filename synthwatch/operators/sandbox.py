@@ -195,6 +195,30 @@ def vpdq(
     )
 
 
+def vpdq_turned(
+    path: Path,
+    settings: SampleSettings,
+    *,
+    seconds_per_hash: float = phash.VPDQ_SECONDS_PER_HASH,
+    max_hashes: int = phash.VPDQ_MAX_HASHES,
+) -> phash.Vpdq:
+    """`phash.vpdq_turned_file`, isolated like `vpdq`: the vPDQ and, for matching a
+    mirrored or rotated copy, each frame's seven turned hashes (8x the hashes, still no
+    arrays: 900 frames are under 1 MB)."""
+    if not settings.isolate:
+        return phash.vpdq_turned_file(
+            path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes
+        )
+    return run(
+        phash.vpdq_turned_file,
+        (Path(path), settings),
+        settings,
+        kwargs={"seconds_per_hash": seconds_per_hash, "max_hashes": max_hashes},
+        result_type=phash.Vpdq,
+        max_result_bytes=0,
+    )
+
+
 def run(
     fn: Callable[..., Any],
     args: tuple[Any, ...],

@@ -461,7 +461,7 @@ class Engine:
             return hashes, variants, []
         budget = self.settings.sample.model_copy(update={"max_decode_s": ms.vpdq_max_s})
         try:
-            hashes.extend(sandbox.vpdq(item.path, budget, max_hashes=ms.vpdq_max_hashes))
+            video = sandbox.vpdq_turned(item.path, budget, max_hashes=ms.vpdq_max_hashes)
         except SynthwatchError as exc:
             log.warning("vPDQ not computed", reason=exc.reason, error=str(exc)[:200])
             return (
@@ -472,6 +472,8 @@ class Engine:
                     "lists of stills; lists of videos were not searched"
                 ],
             )
+        hashes.extend(video.hashes)
+        variants.extend(video.variants)
         span = sampled.sampled_s or sampled.duration_s
         note = phash.vpdq_note(span, max_hashes=ms.vpdq_max_hashes)
         return hashes, variants, [note] if note else []

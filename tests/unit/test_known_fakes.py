@@ -3,7 +3,7 @@
 Each dev fake is listed with `synthwatch hashes add` (PDQ for a still, vPDQ for an
 animation). Then every fake is re-uploaded the ways fakes travel, each copy re-encoded
 (JPEG at quality 70; animations as H.264 MP4): at full size, at half size, with 1% cut
-off each side, and (stills) mirrored. Every copy must be flagged by the `match` signal
+off each side, and mirrored. Every copy must be flagged by the `match` signal
 alone, naming its entry, but for one measured miss (`KNOWN_MISSES`); the dev set's real
 stills and a real clip, never listed, must match nothing; and the fake's real source
 clip shows what a hash cannot tell apart.
@@ -59,12 +59,16 @@ def reupload_still(src: Path, dst: Path, crop: float, scale: float) -> Path:
     return dst
 
 
-def reupload_animation(src: Path, dst: Path, crop: float, scale: float) -> Path:
+def reupload_animation(
+    src: Path, dst: Path, crop: float, scale: float, *, mirror: bool = False
+) -> Path:
     """The animation as an H.264 MP4, each frame shown for as long as it was."""
     frames = []
     with Image.open(src) as im:
         for f in ImageSequence.Iterator(im):
             image = _copy_frame(f, crop, scale)  # loads the frame: WebP's duration is known then
+            if mirror:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             frames.append((image, int(f.info.get("duration") or 100)))
     with av.open(str(dst), "w") as out:
         stream = out.add_stream("libx264", rate=1000)
@@ -117,12 +121,17 @@ def test_reuploaded_dev_fakes_are_flagged_by_the_match_alone(
             else:
                 copy = reupload_still(fake, tmp_path / f"copy{n}_{k}.jpg", crop, scale)
             copies[copy] = (fake, how)
-        if fake in stills:  # a mirrored copy: matched through PDQ's flipped hashes
+        # A mirrored copy: matched through PDQ's flipped hashes.
+        if fake in stills:
             mirrored = tmp_path / f"copy{n}_mirrored.jpg"
-            Image.open(fake).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(
+            Image.open(fake).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
                 mirrored, format="JPEG", quality=70
             )
-            copies[mirrored] = (fake, "mirrored")
+        else:
+            mirrored = reupload_animation(
+                fake, tmp_path / f"copy{n}_mirrored.mp4", 0.0, 1.0, mirror=True
+            )
+        copies[mirrored] = (fake, "mirrored")
     settings = api_settings(tmp_path).model_copy(update={"matching": MatchingSettings(db=db)})
     results = scan_all(settings, [str(p) for p in copies], workers=2)
     missed = set()

@@ -266,10 +266,10 @@ def test_a_vpdq_that_cannot_be_made_never_fails_the_item(tmp_path, monkeypatch) 
     from tests.api_harness import api_settings
     from tests.media_factory import make_video
 
-    def too_slow(*_args: object, **_kwargs: object) -> list[MediaHash]:
+    def too_slow(*_args: object, **_kwargs: object) -> object:
         raise LimitExceeded("decoding took 61.0 s, over the cap of 60 s")
 
-    monkeypatch.setattr(sandbox, "vpdq", too_slow)
+    monkeypatch.setattr(sandbox, "vpdq_turned", too_slow)
     clip = make_video(tmp_path / "clip.mp4", seconds=2.0, width=320, height=240)
     (result,) = scan_all(api_settings(tmp_path), [str(clip)], workers=1)
     verdict = result.verdict
@@ -325,3 +325,34 @@ def test_a_mirrored_copy_matches_through_its_flipped_hash_and_says_so() -> None:
     hashes, variants = phash.hash_frames([Frame(0, 0.0, photo)], still=True)
     (same,) = m.match(hashes, variants)
     assert (same.transform, same.distance) == ("", 0)
+
+
+def test_a_mirrored_video_matches_a_vpdq_entry_through_one_turn() -> None:
+    from synthwatch.operators.phash import Variant
+
+    known = [rand_hex() for _ in range(10)]
+    m = Matcher(MatchingSettings())
+    m.put(video_entry(known))
+    # The item's plain frames are unrelated; its mirrored turns are the entry's frames.
+    plain = video([rand_hex() for _ in range(10)])
+    turns = [Variant(flipped(h, 12), 90, float(i), "mirrored", "vpdq") for i, h in enumerate(known)]
+    noise = [Variant(rand_hex(), 90, float(i), "turned upside down", "vpdq") for i in range(10)]
+    (found,) = m.match(plain, [*noise, *turns])
+    assert (found.algorithm, found.transform, found.entry_match_percent) == (
+        "vpdq",
+        "mirrored",
+        100.0,
+    )
+    # Frames split across two turns do not add up: each turn must reach 80% alone.
+    half = turns[:5] + [
+        Variant(flipped(h, 12), 90, float(i), "turned upside down", "vpdq")
+        for i, h in enumerate(known[5:])
+    ]
+    assert m.match(plain, half) == []
+    # A sampled (pdq) frame's turns never count for a vPDQ entry.
+    pdq_turns = [Variant(v.hash, 90, v.time_s, "mirrored", "pdq") for v in turns]
+    assert m.match(plain, pdq_turns) == []
+    # ... but a sampled frame that is also a vPDQ frame (the same picture) does not hide
+    # the vPDQ frame's turn.
+    (again,) = m.match(plain, [*pdq_turns, *turns])
+    assert (again.entry, again.transform) == ("v1", "mirrored")

@@ -213,3 +213,15 @@ def test_the_decode_deadline_holds(clip: Path, gif: Path, isolate: bool) -> None
     for path in (clip, gif):
         with pytest.raises(LimitExceeded, match="SYNTHWATCH_SAMPLE__MAX_DECODE_S"):
             hashing(path, SampleSettings(max_decode_s=1e-9, isolate=isolate))
+
+
+def test_the_turned_vpdq_has_seven_turns_of_each_frame_in_and_out_of_the_sandbox(
+    clip: Path,
+) -> None:
+    isolated = sandbox.vpdq_turned(clip, ISOLATED)
+    plain = phash.vpdq_file(clip, IN_PROCESS)
+    assert isolated.hashes == plain
+    assert len(isolated.variants) == 7 * len(plain)
+    assert {v.algorithm for v in isolated.variants} == {"vpdq"}
+    assert [v.transform for v in isolated.variants[:7]] == list(phash.DIHEDRAL[1:])
+    assert phash.vpdq_turned_file(clip, IN_PROCESS) == isolated
