@@ -181,18 +181,9 @@ def vpdq(
     arrays) come back; 600 frames of 1080p would be 3.7 GB over the socket. Raises like
     `sample`. (`pdqhash` is imported in the child on its first vPDQ, under the memory
     cap: it adds 0.2 MB and under 1 ms, so it is not preloaded into every child.)"""
-    if not settings.isolate:
-        return phash.vpdq_file(
-            path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes
-        )
-    return run(
-        phash.vpdq_file,
-        (Path(path), settings),
-        settings,
-        kwargs={"seconds_per_hash": seconds_per_hash, "max_hashes": max_hashes},
-        result_type=list[MediaHash],
-        max_result_bytes=0,
-    )
+    return vpdq_turned(
+        path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes, turns=False
+    ).hashes
 
 
 def vpdq_turned(
@@ -201,19 +192,21 @@ def vpdq_turned(
     *,
     seconds_per_hash: float = phash.VPDQ_SECONDS_PER_HASH,
     max_hashes: int = phash.VPDQ_MAX_HASHES,
+    turns: bool = True,
 ) -> phash.Vpdq:
     """`phash.vpdq_turned_file`, isolated like `vpdq`: the vPDQ and, for matching a
     mirrored or rotated copy, each frame's seven turned hashes (8x the hashes, still no
     arrays: 900 frames are under 1 MB)."""
     if not settings.isolate:
         return phash.vpdq_turned_file(
-            path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes
+            path, settings, seconds_per_hash=seconds_per_hash, max_hashes=max_hashes, turns=turns
         )
+    kwargs = {"seconds_per_hash": seconds_per_hash, "max_hashes": max_hashes, "turns": turns}
     return run(
         phash.vpdq_turned_file,
         (Path(path), settings),
         settings,
-        kwargs={"seconds_per_hash": seconds_per_hash, "max_hashes": max_hashes},
+        kwargs=kwargs,
         result_type=phash.Vpdq,
         max_result_bytes=0,
     )

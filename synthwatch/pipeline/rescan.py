@@ -26,8 +26,10 @@ decision, score, model set and policy version were before, and the run it belong
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import math
 import tempfile
 import threading
 import time
@@ -190,10 +192,10 @@ async def read_verdicts_topic(settings: Settings) -> Loaded:
 
 def parse_time(text: str, option: str) -> float:
     """Unix seconds, or an ISO 8601 date or time (no zone = UTC). ConfigError otherwise."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
+    with contextlib.suppress(ValueError):
+        seconds = float(text)
+        if math.isfinite(seconds):
+            return seconds
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:

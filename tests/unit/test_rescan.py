@@ -250,6 +250,8 @@ def test_filters_select_by_submission_time_source_and_earlier_decision() -> None
         rs.check_decisions(["flagged"])
     with pytest.raises(ConfigError, match="--since: 'last week'"):
         rs.parse_time("last week", "--since")
+    with pytest.raises(ConfigError, match="--until: 'nan'"):  # a float, but no time
+        rs.parse_time("nan", "--until")
     with pytest.raises(ConfigError, match="--until must be later"):
         rs.Filters(since=jan1, until=jan1)
 
